@@ -1,0 +1,1 @@
+"""Energy estimators, energy transforms and scale mappers for SAMG (spatially adaptive guidance)."""

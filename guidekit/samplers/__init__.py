@@ -1,0 +1,1 @@
+"""Samplers, schedules and model adapters. Samplers are plain functions over a denoiser."""

@@ -1,0 +1,98 @@
+"""The strategy interface every guidance method implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from ..component import Component
+from ..context import GuidanceContext, StrategySpace
+from ..functional import check_finite, check_pair
+from ..registry import STRATEGIES
+
+__all__ = ["GuidanceStrategy"]
+
+
+class GuidanceStrategy(Component, ABC):
+    """Combine a conditional and an unconditional prediction into a guided one.
+
+    Tensors are ``(b, c, *spatial)`` of any rank (4D images, 5D video in ``(b, c, f, h, w)``); see
+    :mod:`guidekit.layout` for other layouts. Built-in strategies are frozen dataclasses whose fields are
+    their parameters, so they are immutable, comparable and serialisable with :func:`guidekit.to_spec`.
+
+    Contract (checked for every registered name by :mod:`guidekit.testing`):
+
+    * the output has the input's shape, dtype and device; batch elements are independent;
+    * ``pred_cond == pred_uncond`` gives ``pred_cond``;
+    * state lives only in what :meth:`init_state` / :meth:`step` pass around, and advances once per
+      sampler step (``ctx.substep == 0``), never on a corrector evaluation.
+
+    Subclasses implement :meth:`combine` (stateless) or override :meth:`combine_step` (stateful).
+    """
+
+    registry: ClassVar = STRATEGIES
+    space: ClassVar[StrategySpace] = "any"
+    """The prediction space the math is defined in; the guided loop converts into it and back."""
+
+    # -- what the loop asks before the forward pass ----------------------------------------------
+    def needs_uncond(self, ctx: GuidanceContext) -> bool:
+        """Whether this evaluation needs the unconditional prediction (False saves one NFE)."""
+        return True
+
+    def needs_uncond_state(self, ctx: GuidanceContext, state: Any) -> bool:
+        """Like :meth:`needs_uncond`, for strategies whose answer depends on their state (AG)."""
+        return self.needs_uncond(ctx)
+
+    # -- state ----------------------------------------------------------------------------------
+    def init_state(self, like: Tensor) -> Any:
+        """The state at the start of a run, for predictions shaped like ``like``; ``None`` if stateless."""
+        return None
+
+    # -- the combine ----------------------------------------------------------------------------
+    @abstractmethod
+    def combine(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor:
+        """The guided prediction, without input checks. Stateful strategies use a fresh state here."""
+
+    def combine_step(
+        self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext, state: Any
+    ) -> tuple[Tensor, Any]:
+        """One step with explicit state; stateless strategies need not override it."""
+        return self.combine(pred_cond, pred_uncond, ctx), state
+
+    def step(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext, state: Any) -> tuple[Tensor, Any]:
+        """Checked combine with explicit state: returns ``(guided, new_state)``."""
+        check_pair(pred_cond, pred_uncond)
+        out, state = self.combine_step(pred_cond, pred_uncond, ctx, state)
+        if not ctx.allow_nonfinite:
+            _check_output(out, pred_cond, pred_uncond)
+        return out, state
+
+    def __call__(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext | None = None) -> Tensor:
+        """Stateless, checked call: ``step`` from a fresh state. ``ctx`` defaults to sigma = 1, step 0 of 1."""
+        if ctx is None:
+            check_pair(pred_cond, pred_uncond)
+            ctx = GuidanceContext.default(pred_cond)
+        out, _ = self.step(pred_cond, pred_uncond, ctx, self.init_state(pred_cond))
+        return out
+
+    # -- introspection --------------------------------------------------------------------------
+    def scale_map(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor | None:
+        """The effective guidance scale this strategy applies, broadcastable to the predictions.
+
+        ``None`` when the strategy is not of the form ``u + Ω ⊙ (c - u)``. Spatial strategies (SAMG)
+        return a ``(b, 1, *spatial)`` map; the guided loop records it when asked to.
+        """
+        return None
+
+
+def _check_output(out: Tensor, pred_cond: Tensor, pred_uncond: Tensor) -> None:
+    """Non-finite output: name the input that caused it (checked only on the error path)."""
+    import torch
+
+    if bool(torch.isfinite(out).all()):
+        return
+    check_finite(pred_cond, "pred_cond")
+    check_finite(pred_uncond, "pred_uncond")
+    check_finite(out, "guided output")
