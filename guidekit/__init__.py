@@ -7,7 +7,7 @@ CFG(scale=7.5)
 
 from __future__ import annotations
 
-from . import functional, layout, strategies
+from . import energy, functional, layout, strategies
 from .config import ComponentSpec, build, load_spec, to_spec
 from .context import GuidanceContext
 from .errors import (
@@ -19,29 +19,38 @@ from .errors import (
     ShapeError,
     UnknownNameError,
 )
+from .guided import StepRecord, guided, sample
 from .registry import REGISTRIES, Registry
-from .strategies import CFG, GuidanceStrategy
+from .strategies import APG, CFG, SAMG, GuidanceStrategy, Interval, Rescale
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "APG",
     "CFG",
     "REGISTRIES",
+    "SAMG",
     "ComponentSpec",
     "ConfigError",
     "GuidanceContext",
     "GuidanceStrategy",
     "GuidekitError",
+    "Interval",
     "LayoutError",
     "NonFiniteError",
     "PluginError",
     "Registry",
+    "Rescale",
     "ShapeError",
+    "StepRecord",
     "UnknownNameError",
     "build",
+    "energy",
     "functional",
+    "guided",
     "layout",
     "load_spec",
+    "sample",
     "strategies",
     "to_spec",
 ]

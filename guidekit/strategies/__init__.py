@@ -6,10 +6,14 @@
 from __future__ import annotations
 
 from ..registry import STRATEGIES
+from .apg import APG
 from .base import GuidanceStrategy
 from .cfg import CFG
+from .interval import Interval
+from .rescale import Rescale
+from .samg import SAMG
 
-__all__ = ["CFG", "GuidanceStrategy", "get", "names"]
+__all__ = ["APG", "CFG", "SAMG", "GuidanceStrategy", "Interval", "Rescale", "get", "names"]
 
 
 def names(pattern: str | None = None) -> list[str]:

@@ -1,0 +1,91 @@
+"""Scale mappers ``(energy, ctx) -> Ω`` bounded in ``[w_min, w_max]`` (methods.md §3.2-§3.4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+from ..context import GuidanceContext
+from ..errors import ConfigError
+from ..registry import MAPPERS
+from .base import EnergyEstimator, ScaleMapper, check_number
+from .functional import bound_scale, linear_scale, threshold_scale
+
+__all__ = ["BoundMapper", "LinearMapper", "ThresholdMapper"]
+
+
+@MAPPERS.register("linear")
+@dataclass(frozen=True)
+class LinearMapper(ScaleMapper):
+    """``Ω = w_max - Ê · (w_max - w_min)`` on min-max normalised energy ``Ê ∈ [0, 1]`` (methods.md §3.2).
+
+    The highest-energy point gets ``w_min``, the lowest ``w_max`` (``direction="increasing"``: the
+    reverse). A linear surrogate of the ``1/√E`` bound (§3.3). Needs normalised energy: :class:`guidekit.SAMG`
+    puts :class:`~guidekit.energy.MinMax` before it by default and refuses transforms that do not end in
+    ``[0, 1]``.
+    """
+
+    needs_unit_energy: ClassVar[bool] = True
+
+    def __call__(self, energy: Tensor, ctx: GuidanceContext) -> Tensor:
+        return linear_scale(energy, self.w_min, self.w_max, self.decreasing)
+
+
+@MAPPERS.register("threshold")
+@dataclass(frozen=True)
+class ThresholdMapper(ScaleMapper):
+    """Two-level ("multi") guidance: ``w_min`` where ``E > Q_q(E)``, else ``w_max`` (methods.md §3.4).
+
+    ``Q_q`` is the per-sample q-quantile over all points (the whole clip for video). Invariant to any
+    increasing transform of the energy, so it needs no normalisation.
+
+    Args:
+        q: quantile in ``[0, 1]``; the fraction ``1 - q`` of highest-energy points gets the conservative scale.
+    """
+
+    q: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "q", check_number("q", self.q, low=0.0, high=1.0))
+
+    def __call__(self, energy: Tensor, ctx: GuidanceContext) -> Tensor:
+        return threshold_scale(energy, self.q, self.w_min, self.w_max, self.decreasing)
+
+
+@MAPPERS.register("bound")
+@dataclass(frozen=True)
+class BoundMapper(ScaleMapper):
+    """Curvature bound ``Ω = clip(1 + K / √(E + eps), w_min, w_max)`` (methods.md §3.3, *reconstructed*).
+
+    CFG moves x0 along a straight line of length ``d = (w - 1)‖Δx0‖``; on a manifold of curvature κ that
+    leaves it by ``κd²/2``. Bounding that by δ gives ``w ≤ 1 + K/‖Δx0‖`` with ``K = √(2δ/κ)``. Reads
+    *absolute* energy, so :class:`guidekit.SAMG` pairs it with the x0-space energy and no normalisation.
+
+    Args:
+        k: the constant ``K`` in x0 units (the energy's square root). **Uncalibrated**: the paper's value
+            could not be read; the default 1.0 puts ``Ω = 5`` where the channel-RMS of ``Δx0`` is 0.25 and
+            ``Ω = 12`` where it is 0.09 (with ``reduce="mean"``). Calibrate per model (docs/samg.md).
+        eps: added to ``E`` before the square root (``E = 0`` then maps to ``w_max``); must be > 0.
+    """
+
+    k: float = 1.0
+    eps: float = 1e-12
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "k", check_number("k", self.k, low=0.0))
+        eps = check_number("eps", self.eps, low=0.0)
+        if eps == 0.0:
+            raise ConfigError(f"eps: expected a number > 0, got {self.eps!r}")
+        object.__setattr__(self, "eps", eps)
+
+    def __call__(self, energy: Tensor, ctx: GuidanceContext) -> Tensor:
+        return bound_scale(energy, self.k, self.eps, self.w_min, self.w_max, self.decreasing)
+
+    def default_energy(self) -> EnergyEstimator:
+        from .estimators import X0DeltaSquared
+
+        return X0DeltaSquared()
