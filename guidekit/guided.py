@@ -183,9 +183,9 @@ class GuidedDenoiser:
             allow_nonfinite=self.allow_nonfinite,
         )
         log = self._log.setdefault(info.step, _StepLog(float(info.sigmas[info.step]), float(info.sigma_next)))
-        needs_model = getattr(self.strategy, "needs_model", None)
-        if needs_model is not None and not needs_model(ctx, state):
-            pred_cond = pred_uncond = torch.zeros_like(x)  # the strategy promised not to read them
+        skips_model = getattr(self.strategy, "skips_model", None)
+        if skips_model is not None and skips_model(ctx):
+            pred_cond = pred_uncond = torch.zeros_like(x)  # placeholders: the strategy does not read them
             need_uncond = False
         else:
             need_uncond = bool(self.strategy.needs_uncond_state(ctx, state))
