@@ -21,17 +21,45 @@ from .errors import (
 )
 from .guided import StepRecord, guided, sample
 from .registry import REGISTRIES, Registry
-from .strategies import APG, CFG, SAMG, GuidanceStrategy, Interval, Rescale
+from .strategies import (
+    ADG,
+    APG,
+    CFG,
+    FDG,
+    SAMG,
+    TCFG,
+    TVCFG,
+    AdaptiveGuidance,
+    AutoGuidance,
+    CFGPlusPlus,
+    CFGZeroStar,
+    DynamicCFG,
+    GuidanceStrategy,
+    Interval,
+    Ramp,
+    Rescale,
+    ScaleCallable,
+    ScaleFunction,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADG",
     "APG",
     "CFG",
+    "FDG",
     "REGISTRIES",
     "SAMG",
+    "TCFG",
+    "TVCFG",
+    "AdaptiveGuidance",
+    "AutoGuidance",
+    "CFGPlusPlus",
+    "CFGZeroStar",
     "ComponentSpec",
     "ConfigError",
+    "DynamicCFG",
     "GuidanceContext",
     "GuidanceStrategy",
     "GuidekitError",
@@ -39,8 +67,11 @@ __all__ = [
     "LayoutError",
     "NonFiniteError",
     "PluginError",
+    "Ramp",
     "Registry",
     "Rescale",
+    "ScaleCallable",
+    "ScaleFunction",
     "ShapeError",
     "StepRecord",
     "UnknownNameError",

@@ -115,6 +115,14 @@ def _split(t: Tensor, b: int) -> tuple[Tensor, Tensor]:
     return t[:b], t[b:]
 
 
+def _requires_weak_model(strategy: Any) -> bool:
+    """Whether ``strategy`` or a strategy nested in it sets ``requires_weak_model`` (AutoGuidance)."""
+    if getattr(strategy, "requires_weak_model", False):
+        return True
+    nested = vars(strategy).values() if hasattr(strategy, "__dict__") else ()
+    return any(isinstance(v, GuidanceStrategy) and _requires_weak_model(v) for v in nested)
+
+
 # -- the guided denoiser -----------------------------------------------------------------------------------
 class GuidedDenoiser:
     """A per-run denoiser ``D(x, sigma, info) -> x0`` (or :class:`Denoised`) that applies a strategy.
@@ -139,6 +147,11 @@ class GuidedDenoiser:
     ) -> None:
         if not isinstance(strategy, GuidanceStrategy):
             raise ConfigError(f"strategy: expected a GuidanceStrategy, got {type(strategy).__name__}")
+        if weak_model is None and _requires_weak_model(strategy):
+            raise ConfigError(
+                f"weak_model: expected the weak (guiding) model, since {type(strategy).__name__} evaluates it in "
+                "place of the unconditional branch (AutoGuidance); got None"
+            )
         self.model, self.weak_model, self.strategy = model, weak_model, strategy
         self.cond, self.uncond = cond, uncond
         self.space: PredictionSpace = self._resolve_space()

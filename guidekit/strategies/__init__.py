@@ -6,14 +6,46 @@
 from __future__ import annotations
 
 from ..registry import STRATEGIES
+from .adaptive import AdaptiveGuidance
+from .adg import ADG
 from .apg import APG
+from .autoguidance import AutoGuidance
 from .base import GuidanceStrategy
 from .cfg import CFG
+from .cfg_zero_star import CFGZeroStar
+from .cfgpp import CFGPlusPlus
+from .dynamic_cfg import DynamicCFG
+from .fdg import FDG
 from .interval import Interval
+from .ramp import Ramp
 from .rescale import Rescale
 from .samg import SAMG
+from .scale_function import ScaleCallable, ScaleFunction
+from .tcfg import TCFG
+from .tvcfg import TVCFG
 
-__all__ = ["APG", "CFG", "SAMG", "GuidanceStrategy", "Interval", "Rescale", "get", "names"]
+__all__ = [
+    "ADG",
+    "APG",
+    "CFG",
+    "FDG",
+    "SAMG",
+    "TCFG",
+    "TVCFG",
+    "AdaptiveGuidance",
+    "AutoGuidance",
+    "CFGPlusPlus",
+    "CFGZeroStar",
+    "DynamicCFG",
+    "GuidanceStrategy",
+    "Interval",
+    "Ramp",
+    "Rescale",
+    "ScaleCallable",
+    "ScaleFunction",
+    "get",
+    "names",
+]
 
 
 def names(pattern: str | None = None) -> list[str]:

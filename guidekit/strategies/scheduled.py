@@ -1,0 +1,135 @@
+"""The shared mechanics of the schedule combinators: run an inner strategy at a per-step scale."""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..context import GuidanceContext, StrategySpace
+from ..errors import ConfigError
+from .base import GuidanceStrategy
+
+__all__ = ["ScheduledScale", "sampler_coupled", "slice_context"]
+
+
+def slice_context(ctx: GuidanceContext, index: Tensor) -> GuidanceContext:
+    """``ctx`` restricted to the samples ``index`` (per-sample fields: ``sigma``, ``sigma_next``, ``x``)."""
+    b = ctx.sigma.shape[0]
+
+    def take(v: Tensor | None) -> Tensor | None:
+        return v[index] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == b else v
+
+    return ctx.replace(sigma=ctx.sigma[index], sigma_next=take(ctx.sigma_next), x=take(ctx.x))
+
+
+def sampler_coupled(strategy: GuidanceStrategy) -> bool:
+    """Whether ``strategy`` re-noises along its own direction (CFG++), itself or under schedule combinators."""
+    if isinstance(strategy, ScheduledScale):
+        return sampler_coupled(strategy.inner)
+    return callable(getattr(strategy, "renoise_prediction", None))
+
+
+class ScheduledScale(GuidanceStrategy):
+    """Base of the schedule combinators: ``inner`` with its ``scale`` replaced by :meth:`scale_at`.
+
+    Subclasses are frozen dataclasses with an ``inner`` field (any strategy with a ``scale`` parameter:
+    CFG, APG, TCFG, ADG, CFG-Zero*, ...) and implement :meth:`scale_at`. A scale of 1 lets the loop skip
+    the unconditional forward when the inner strategy allows it. Samples whose scales differ (a schedule
+    over per-sample sigma) run in groups, which needs a stateless inner strategy.
+    """
+
+    inner: GuidanceStrategy
+
+    @abstractmethod
+    def scale_at(self, ctx: GuidanceContext) -> Tensor:
+        """The scale of each sample at this evaluation, ``(b,)`` float64."""
+
+    # -- helpers for subclasses ------------------------------------------------------------------
+    def _check_inner(self) -> None:
+        if not isinstance(self.inner, GuidanceStrategy):
+            raise ConfigError(f"inner: expected a GuidanceStrategy, got {type(self.inner).__name__}")
+        names = {f.name for f in dataclasses.fields(self.inner)} if dataclasses.is_dataclass(self.inner) else set()
+        if "scale" not in names:
+            raise ConfigError(
+                "inner: expected a strategy with a `scale` parameter (CFG, APG, TCFG, ADG, CFGZeroStar, ...), "
+                f"got {type(self.inner).__name__}"
+            )
+
+    @property
+    def mean_scale(self) -> float:
+        """The inner strategy's own scale (the schedule's target mean where it has one)."""
+        return float(self.inner.scale)  # type: ignore[attr-defined]
+
+    def _at(self, scale: float) -> GuidanceStrategy:
+        return dataclasses.replace(self.inner, scale=scale)  # type: ignore[type-var]
+
+    def _groups(self, ctx: GuidanceContext) -> list[tuple[Tensor | None, GuidanceStrategy, GuidanceContext]]:
+        scales = self.scale_at(ctx)
+        values = torch.unique(scales)
+        if values.numel() == 1:
+            return [(None, self._at(float(values[0])), ctx)]
+        groups = []
+        for v in values:
+            index = torch.nonzero(scales == v).flatten().to(ctx.sigma.device)
+            groups.append((index, self._at(float(v)), slice_context(ctx, index)))
+        return groups
+
+    # -- the strategy ----------------------------------------------------------------------------
+    @property  # type: ignore[override]
+    def space(self) -> StrategySpace:  # type: ignore[override]
+        return self.inner.space
+
+    def needs_uncond(self, ctx: GuidanceContext) -> bool:
+        return any(s.needs_uncond(c) for _, s, c in self._groups(ctx))
+
+    def needs_uncond_state(self, ctx: GuidanceContext, state: Any) -> bool:
+        return any(s.needs_uncond_state(c, state) for _, s, c in self._groups(ctx))
+
+    def init_state(self, like: Tensor) -> Any:
+        return self.inner.init_state(like)
+
+    def combine(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor:
+        return self.combine_step(pred_cond, pred_uncond, ctx, self.inner.init_state(pred_cond))[0]
+
+    def combine_step(
+        self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext, state: Any
+    ) -> tuple[Tensor, Any]:
+        groups = self._groups(ctx)
+        if len(groups) == 1:
+            return groups[0][1].combine_step(pred_cond, pred_uncond, ctx, state)
+        if state is not None:
+            raise ConfigError(
+                f"inner: expected a stateless strategy when samples get different scales, got "
+                f"{type(self.inner).__name__} with state (give every sample the same sigma)"
+            )
+        out = torch.empty_like(pred_cond)
+        for index, strategy, sub in groups:
+            out[index] = strategy.combine(pred_cond[index], pred_uncond[index], sub)
+        return out, state
+
+    # -- loop hooks of sampler-coupled and zero-init inner strategies (CFG++, CFG-Zero*) --------------
+    def skips_model(self, ctx: GuidanceContext) -> bool:
+        hook = getattr(self.inner, "skips_model", None)
+        return False if hook is None else bool(hook(ctx))
+
+    def renoise_prediction(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor | None:
+        hook = getattr(self.inner, "renoise_prediction", None)
+        return None if hook is None else hook(pred_cond, pred_uncond, ctx)
+
+    def scale_map(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor | None:
+        groups = self._groups(ctx)
+        if len(groups) == 1:
+            return groups[0][1].scale_map(pred_cond, pred_uncond, ctx)
+        maps = [(i, s.scale_map(pred_cond[i], pred_uncond[i], sub)) for i, s, sub in groups]
+        if any(m is None for _, m in maps):
+            return None
+        first = maps[0][1]
+        assert first is not None
+        out = first.new_empty((pred_cond.shape[0], *first.shape[1:]))
+        for index, m in maps:
+            out[index] = m
+        return out
