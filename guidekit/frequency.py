@@ -7,7 +7,8 @@ up then blur. Differences from kornia, all for inputs kornia cannot take as they
 
 * ``up`` goes to the exact size of the finer level, so odd sizes work and reconstruction is exact for every
   shape (kornia pads to a power of two, and diffusers then returns the padded size);
-* a side of size 1 is not halved; levels smaller than 3x3 blur with a replicate border (reflect needs 3).
+* a side of size 1 is not halved; a side below 3 blurs with a replicate border (reflect needs 3);
+* 1-D signals ``(b, c, l)`` get a 1-D pyramid (a height of 1), video ``(b, c, f, h, w)`` one per frame.
 
 For sizes divisible by ``2**(levels-1)`` with one side a power of two, the levels equal kornia's.
 """
@@ -30,13 +31,13 @@ _BINOMIAL = (1.0, 4.0, 6.0, 4.0, 1.0)
 
 
 def _blur(x: Tensor) -> Tensor:
-    """Separable 5x5 binomial blur of ``(n, c, h, w)``, same size."""
+    """Separable 5x5 binomial blur of ``(n, c, h, w)``, same size; reflect border (replicate below 3)."""
     n, c, h, w = x.shape
-    mode = "reflect" if min(h, w) >= 3 else "replicate"
     k = torch.tensor(_BINOMIAL, dtype=x.dtype, device=x.device) / 16.0
-    y = F.pad(x.reshape(n * c, 1, h, w), (2, 2, 2, 2), mode=mode)
-    y = F.conv2d(F.conv2d(y, k.view(1, 1, 1, 5)), k.view(1, 1, 5, 1))
-    return y.reshape(n, c, h, w)
+    y = F.pad(x.reshape(n * c, 1, h, w), (2, 2, 0, 0), mode="reflect" if w >= 3 else "replicate")
+    y = F.conv2d(y, k.view(1, 1, 1, 5))
+    y = F.pad(y, (0, 0, 2, 2), mode="reflect" if h >= 3 else "replicate")
+    return F.conv2d(y, k.view(1, 1, 5, 1)).reshape(n, c, h, w)
 
 
 def _down(x: Tensor) -> Tensor:
@@ -69,9 +70,11 @@ def reconstruct_pyramid(pyramid: Sequence[Tensor]) -> Tensor:
 
 
 def _as_images(x: Tensor) -> Tensor:
-    """``(b, c, h, w)`` as is; ``(b, c, f, ..., h, w)`` as ``(b·f·..., c, h, w)`` (one image per frame)."""
-    if x.ndim < 4:
-        raise ShapeError(f"pred_cond: expected (b, c, h, w) or (b, c, f, h, w) for a 2-D pyramid, got {tuple(x.shape)}")
+    """``(b, c, h, w)`` as is; ``(b, c, l)`` as ``(b, c, 1, l)``; ``(b, c, f, ..., h, w)`` as ``(b·f·..., c, h, w)``."""
+    if x.ndim < 3:
+        raise ShapeError(f"pred_cond: expected (b, c, l), (b, c, h, w) or (b, c, f, h, w), got {tuple(x.shape)}")
+    if x.ndim == 3:
+        return x.unsqueeze(-2)
     if x.ndim == 4:
         return x
     c, h, w = x.shape[1], x.shape[-2], x.shape[-1]
@@ -79,6 +82,8 @@ def _as_images(x: Tensor) -> Tensor:
 
 
 def _from_images(y: Tensor, like: Tensor) -> Tensor:
+    if like.ndim == 3:
+        return y.squeeze(-2)
     if like.ndim == 4:
         return y
     b, c = like.shape[:2]
@@ -107,10 +112,10 @@ def fdg(
     reconstruction of ``[g_k]``. Written as ``c + R([w_k Δ'_k - Δ_k])`` with ``R`` the (linear)
     reconstruction, so ``c == u`` or all ``w_k = 1`` give ``c`` exactly and equal scales give CFG; a level
     with ``w_k = 1`` is ``c_k`` whatever its parallel weight (diffusers skips such a level).
-    5D inputs run per frame.
+    5D inputs run per frame, 3D inputs ``(b, c, l)`` on a 1-D pyramid.
 
     Args:
-        pred_cond, pred_uncond: ``(b, c, h, w)`` or ``(b, c, f, h, w)``.
+        pred_cond, pred_uncond: ``(b, c, h, w)``, ``(b, c, f, h, w)`` or ``(b, c, l)``.
         scales: one CFG weight per level, finest (high frequency) first; diffusers' SDXL default ``[10, 5]``.
         parallel_weights: per-level weight of the component parallel to ``c_k``; ``None`` means all 1.
     """

@@ -125,9 +125,14 @@ def tcfg(pred_cond: Tensor, pred_uncond: Tensor, scale: float) -> Tensor:
 
 
 def cfg_zero_star_scale(pred_cond: Tensor, pred_uncond: Tensor) -> Tensor:
-    """``s* = ⟨c, u⟩ / (‖u‖² + 1e-8)`` per sample, ``(b,)``, float32 or wider (Fan et al. 2025, eq. 8)."""
+    """``s* = ⟨c, u⟩ / ‖u‖²`` per sample, ``(b,)``, float32 or wider (Fan et al. 2025, eq. 8); 0 where ``u = 0``.
+
+    The official code divides by ``‖u‖² + 1e-8``; we guard the zero norm instead, so ``u = c`` gives
+    ``s* = 1`` exactly (relative difference ``1e-8 / ‖u‖²``, far below float32 precision for real models).
+    """
     c, u = upcast(pred_cond), upcast(pred_uncond)
-    return per_sample_dot(c, u) / (per_sample_dot(u, u) + 1e-8)
+    uu = per_sample_dot(u, u)
+    return torch.where(uu > 0, per_sample_dot(c, u) / torch.where(uu > 0, uu, 1.0), 0.0)
 
 
 def cfg_zero_star(pred_cond: Tensor, pred_uncond: Tensor, scale: float, scaled_shift: bool = True) -> Tensor:

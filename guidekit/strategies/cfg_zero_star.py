@@ -55,6 +55,12 @@ class CFGZeroStar(GuidanceStrategy):
         if not isinstance(self.scaled_shift, bool):
             raise ConfigError(f"scaled_shift: expected True or False, got {self.scaled_shift!r}")
 
+    @classmethod
+    def contract_example(cls) -> CFGZeroStar:
+        """The shared contract runs at step 0; without zero-init it checks the guidance rule itself
+        (a zero-init step's ``0`` breaks ``c == u -> c`` by design, methods.md §11 G5)."""
+        return cls(zero_init_steps=0)
+
     def skips_model(self, ctx: GuidanceContext) -> bool:
         """True on zero-init steps: the output does not read the predictions (the loop's hook)."""
         return ctx.step < self.zero_init_steps

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor
 
@@ -39,6 +40,9 @@ class FDG(GuidanceStrategy):
     parallel_weights: tuple[float, ...] | None = None
 
     space = "native"
+    contract_exempt: ClassVar[dict[str, str]] = {
+        "rank_flattening": "the pyramid filters each frame's (h, w) plane; merging frames into h changes the image",
+    }
 
     def __post_init__(self) -> None:
         scales = _as_tuple("scales", self.scales)

@@ -45,6 +45,11 @@ class TVCFG(ScheduledScale):
         self._check_inner()
         check_choice("time", self.time, ("flow", "steps"))
 
+    @classmethod
+    def contract_example(cls) -> TVCFG:
+        """The shared contract's contexts carry no sigma schedule: use uniform time."""
+        return cls(time="steps")
+
     def scales(self, ctx: GuidanceContext) -> Tensor:
         """The whole schedule ``(num_steps,)`` float64 for the run ``ctx`` belongs to."""
         n = ctx.num_steps
