@@ -18,7 +18,7 @@ __all__ = ["GaussianSmooth", "MinMax", "QuantileClip"]
 @TRANSFORMS.register("minmax")
 @dataclass(frozen=True)
 class MinMax(EnergyTransform):
-    """Min-max normalisation ``Ê = (E - min E) / (max E - min E + tau · max E)`` into ``[0, 1)`` (§3.2).
+    """Min-max normalisation ``Ê = (E - min E) / (max E - min E + tau · max E)`` into ``[0, 1]`` (§3.2).
 
     Args:
         over: ``"sample"``: min and max over the whole sample, all frames of a video clip together (the
