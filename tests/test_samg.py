@@ -42,6 +42,15 @@ def samg(kind: str, w_min: float, w_max: float, direction: str = "decreasing", *
     return gk.SAMG(mapper=mappers[kind](), **kwargs)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add overhead (and stall badly on a shared CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def ctx_for(x: torch.Tensor, sigma: float = 1.0, space: str = "eps") -> GuidanceContext:
     return GuidanceContext.default(x, sigma=sigma, space=space)
 
@@ -300,6 +309,26 @@ def test_batch_elements_are_independent(pair, kind, split):
     whole = s(c, u, ctx_for(c))
     parts = torch.cat([s(c[:split], u[:split], ctx_for(c[:split])), s(c[split:], u[split:], ctx_for(c[split:]))])
     torch.testing.assert_close(whole, parts, rtol=0, atol=0)
+
+
+# -- the shared contract on non-default pipelines (the default "samg" is run by the registry-wide test) --
+@pytest.mark.parametrize(
+    ("strategy", "exempt"),
+    [
+        (gk.SAMG(mapper=ThresholdMapper(3, 7.5, q=0.8)), ()),
+        (gk.SAMG(mapper=BoundMapper(3, 7.5, k=0.5)), ()),
+        (gk.SAMG(w=6, energy=DeltaScore(), transforms=(QuantileClip(), MinMax())), ()),
+        (gk.SAMG(mapper=LinearMapper(4, 9.6, "increasing")), ()),
+        # smoothing and per-frame normalisation couple points across the flattened axes, by design
+        (gk.SAMG(transforms=(GaussianSmooth(1.0), MinMax())), ("rank_flattening",)),
+        (gk.SAMG(transforms=(MinMax(over="frame"),)), ("rank_flattening",)),
+    ],
+    ids=["threshold", "bound", "delta-score+quantile-clip", "increasing", "smoothed", "per-frame"],
+)
+def test_non_default_pipelines_pass_the_shared_contract(strategy, exempt):
+    from guidekit.testing import CHECKS, check_strategy
+
+    check_strategy(strategy, checks=[c for c in CHECKS if c not in exempt])
 
 
 # -- configuration -------------------------------------------------------------------------------------

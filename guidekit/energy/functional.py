@@ -62,15 +62,11 @@ def minmax_coefficients(energy: Tensor, over: Normalization = "sample", tau: flo
 
     ``lo = min E`` and ``span = max E - min E + tau · max E``, per sample (``over="sample"``: all non-batch
     dims, so a whole video clip) or per frame (``over="frame"``: dims after the frame dim 2 of a
-    ``(b, 1, f, h, w)`` energy). ``tau`` is relative to ``max E``, so ``Ê`` is exactly invariant to scaling
-    the energy. A zero span (all energies equal) is replaced by 1, so that ``Ê = 0``. Both outputs
-    broadcast against ``energy``.
+    ``(b, 1, f, h, w)`` energy; an energy without a frame axis is one frame). ``tau`` is relative to
+    ``max E``, so ``Ê`` is exactly invariant to scaling the energy. A zero span (all energies equal) is
+    replaced by 1, so that ``Ê = 0``. Both outputs broadcast against ``energy``.
     """
-    if over == "frame":
-        if energy.ndim != 5:
-            raise ShapeError(
-                f"energy: over='frame' expects a video energy (b, 1, f, h, w), got shape {tuple(energy.shape)}"
-            )
+    if over == "frame" and energy.ndim == 5:
         lo = energy.amin(dim=(3, 4), keepdim=True)
         hi = energy.amax(dim=(3, 4), keepdim=True)
     else:
@@ -206,17 +202,17 @@ def smoothing_matrix(n: int, sigma: float, truncate: float, dtype: torch.dtype, 
 def gaussian_smooth(energy: Tensor, sigma: float, truncate: float = 4.0) -> Tensor:
     """Separable Gaussian blur of ``energy`` over its last two dims (each frame alone), reflect padding.
 
-    ``sigma`` in latent pixels; ``sigma == 0`` returns ``energy``. Each axis' filter, padding folded in, is a
+    ``sigma`` in latent pixels; ``sigma == 0`` returns ``energy``. A ``(b, 1, l)`` energy is blurred along
+    ``l``; a ``(b, 1)`` one has nothing to blur. Each axis' filter, padding folded in, is a
     small ``(n, n)`` matrix, so the blur is ``M_h @ E @ M_wᵀ``: two batched matrix products, faster on CPU
     than ``conv2d`` at latent sizes and free of its thread overhead on tiny maps. The kernel is symmetric
     and the padding mirror-symmetric, so the blur commutes with spatial flips; its weights are convex, so
     the output stays inside the input's range.
     """
-    if sigma == 0:
+    if sigma == 0 or energy.ndim < 3:
         return energy
-    if energy.ndim < 4:
-        raise ShapeError(f"energy: Gaussian smoothing expects (b, 1, ..., h, w), got shape {tuple(energy.shape)}")
-    h, w = energy.shape[-2:]
-    rows = smoothing_matrix(h, sigma, truncate, energy.dtype, energy.device)
-    cols = smoothing_matrix(w, sigma, truncate, energy.dtype, energy.device)
+    cols = smoothing_matrix(energy.shape[-1], sigma, truncate, energy.dtype, energy.device)
+    if energy.ndim == 3:
+        return energy @ cols.T
+    rows = smoothing_matrix(energy.shape[-2], sigma, truncate, energy.dtype, energy.device)
     return rows @ energy @ cols.T

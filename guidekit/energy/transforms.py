@@ -23,7 +23,8 @@ class MinMax(EnergyTransform):
     Args:
         over: ``"sample"``: min and max over the whole sample, all frames of a video clip together (the
             default; one consistent scale range per clip); ``"frame"``: per frame of a ``(b, c, f, h, w)``
-            latent (each frame gets the full ``[w_min, w_max]`` range; can flicker).
+            latent (each frame gets the full ``[w_min, w_max]`` range; can flicker). Latents without a frame
+            axis (images) are one frame.
         tau: guard relative to ``max E`` (comfy-cfg-megapack uses an absolute ``1e-8``); relative makes the
             result exactly invariant to scaling the energy. Uniform energy gives ``Ê = 0``.
     """
@@ -45,7 +46,7 @@ class MinMax(EnergyTransform):
 @TRANSFORMS.register("gaussian-smooth")
 @dataclass(frozen=True)
 class GaussianSmooth(EnergyTransform):
-    """Gaussian blur of the energy over ``(h, w)``, each frame alone, with reflect padding.
+    """Gaussian blur of the energy over ``(h, w)``, each frame alone, with reflect padding (1-D data: over ``l``).
 
     Not in the known SAMG rule (methods.md §3.2 has no smoothing); an option for a less noisy scale map.
 
