@@ -13,11 +13,16 @@ from .errors import NonFiniteError, ShapeError
 from .layout import non_batch_dims
 
 __all__ = [
+    "apg",
+    "apg_from_delta",
     "cfg",
     "check_finite",
     "check_pair",
+    "momentum_update",
     "per_sample_dot",
     "per_sample_norm",
+    "project",
+    "rescale_std",
     "upcast",
 ]
 
@@ -79,3 +84,109 @@ def per_sample_dot(a: Tensor, b: Tensor) -> Tensor:
 def per_sample_norm(x: Tensor) -> Tensor:
     """L2 norm per sample over all non-batch dims, shape ``(b,)``."""
     return torch.linalg.vector_norm(x, dim=non_batch_dims(x))
+
+
+def _flat64(x: Tensor) -> Tensor:
+    """``x`` as ``(b, n)`` float64 (the per-sample vectors of the projection math)."""
+    return x.reshape(x.shape[0], -1).to(torch.float64)
+
+
+def _per_sample(v: Tensor, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """A ``(b,)`` float64 coefficient as ``dtype``, broadcastable against ``like``."""
+    return v.to(dtype).reshape(v.shape[0], *([1] * (like.ndim - 1)))
+
+
+def project(x: Tensor, onto: Tensor) -> tuple[Tensor, Tensor]:
+    """Split ``x`` into its parts parallel and orthogonal to ``onto``, per sample.
+
+    APG's projection (Sadat et al., ICLR 2025, §4 and Algorithm 1): ``x_par = <x, ô> ô`` with ``ô = onto / ||onto||``
+    over all non-batch dims, and ``x_orth = x - x_par``. Computed in float64 and cast back to ``x.dtype``.
+    A sample whose ``onto`` is zero has no parallel part (``x_par = 0``, ``x_orth = x``).
+
+    Returns:
+        ``(parallel, orthogonal)``, each shaped like ``x``.
+    """
+    check_pair(x, onto)
+    x64, o64 = _flat64(x), _flat64(onto)
+    oo = torch.linalg.vecdot(o64, o64)
+    k = torch.where(oo > 0, torch.linalg.vecdot(x64, o64) / oo.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    par64 = k[:, None] * o64
+    return par64.to(x.dtype).reshape(x.shape), (x64 - par64).to(x.dtype).reshape(x.shape)
+
+
+def momentum_update(delta: Tensor, running: Tensor, momentum: float) -> Tensor:
+    """APG's momentum buffer ``running' = delta + momentum * running`` (Sadat et al. 2025, Algorithm 1).
+
+    ``momentum < 0`` (the paper's choice, -0.5 for SDXL) is *reverse* momentum: it subtracts the previous
+    direction, pushing the sampler away from where earlier steps already moved it.
+    """
+    return torch.add(delta, running, alpha=momentum)
+
+
+def _dot64(a: Tensor, b: Tensor) -> Tensor:
+    """``<a, b>`` per sample over all non-batch dims, accumulated in float64, shape ``(b,)``."""
+    return torch.sum(a * b, dim=non_batch_dims(a), dtype=torch.float64)
+
+
+def apg_from_delta(
+    pred_cond: Tensor, delta: Tensor, scale: float, eta: float = 0.0, norm_threshold: float = 0.0
+) -> Tensor:
+    """APG's guided prediction from a given update direction ``delta`` (Sadat et al. 2025, Algorithm 1).
+
+    ``ĝ = c + (w - 1)(Δ_orth + η Δ_par)``, where ``Δ`` is first shrunk to norm at most ``norm_threshold``
+    (the paper's rescaling; ``0`` disables it) and split by :func:`project` against ``c``. Use ``delta = c - u`` for
+    plain APG, or the momentum-averaged direction (:func:`momentum_update`).
+
+    All of it is one per-sample linear combination: with ``s = min(1, r / ||Δ||)`` and
+    ``k = <Δ, c> / ||c||²``, ``ĝ = (1 - (w-1) s (1-η) k) c + (w-1) s Δ``. The reductions
+    ``||c||², <Δ, c>, ||Δ||²`` accumulate in float64 and the coefficients are float64; the output is one
+    fused pass in the working precision (float32 for half inputs), cast back to ``pred_cond.dtype``.
+    """
+    c = upcast(pred_cond)
+    d = delta.to(c.dtype)
+    cc, dc = _dot64(c, c), _dot64(d, c)
+    k = torch.where(cc > 0, dc / cc.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    s = torch.ones_like(cc)
+    if norm_threshold > 0:
+        dd = _dot64(d, d)
+        s = torch.where(dd > norm_threshold**2, norm_threshold / dd.sqrt(), 1.0)
+    b = (scale - 1.0) * s
+    a = 1.0 - b * (1.0 - eta) * k
+    out = torch.mul(c, _per_sample(a, c, c.dtype)).addcmul_(d, _per_sample(b, c, c.dtype))
+    return out.to(pred_cond.dtype)
+
+
+def apg(pred_cond: Tensor, pred_uncond: Tensor, scale: float, eta: float = 0.0, norm_threshold: float = 0.0) -> Tensor:
+    """Adaptive projected guidance without momentum, paper form (Sadat et al., ICLR 2025, Algorithm 1).
+
+    ``ĝ = c + (w - 1)(Δ_orth + η Δ_par)`` with ``Δ = c - u`` rescaled to norm at most ``norm_threshold``
+    (``0``: no rescaling). ``η = 1`` and no threshold give CFG; ``scale = 1`` gives ``pred_cond``.
+    See :func:`apg_from_delta` for the numerics.
+    """
+    check_pair(pred_cond, pred_uncond)
+    work = upcast(pred_cond).dtype
+    delta = upcast(pred_cond) - upcast(pred_uncond, work)
+    return apg_from_delta(pred_cond, delta, scale, eta, norm_threshold)
+
+
+def rescale_std(guided: Tensor, pred_cond: Tensor, phi: float) -> Tensor:
+    """Guidance rescale (Lin et al., WACV 2024, arXiv 2305.08891, §3.4).
+
+    ``out = φ · guided · std(c)/std(guided) + (1 - φ) · guided``, with unbiased std per sample over all
+    non-batch dims (diffusers' ``rescale_noise_cfg``), written as one per-sample factor
+    ``guided · (1 + φ (std(c)/std(guided) - 1))``. A constant sample (guided std zero, at the rounding level
+    of its mean, or undefined for a single element) is left unchanged. Statistics in float32 (float64
+    stays float64); the result has ``guided.dtype``.
+    """
+    check_pair(guided, pred_cond)
+    if guided[0].numel() < 2:  # std is undefined for one element per sample
+        return guided
+    work = upcast(guided).dtype
+    dims = non_batch_dims(guided)
+    std_cond, _ = torch.std_mean(upcast(pred_cond), dim=dims, keepdim=True)  # the same kernel: ratio 1 for c
+    std_guided, mean_guided = torch.std_mean(upcast(guided), dim=dims, keepdim=True)
+    # a constant sample has std 0, or a rounding-level std of its mean: leave it unchanged
+    constant = ~(std_guided > 8 * torch.finfo(work).eps * mean_guided.abs())
+    ratio = torch.where(constant, 1.0, std_cond / std_guided)
+    factor = 1.0 + phi * (ratio - 1.0)
+    return (upcast(guided) * factor.to(work)).to(guided.dtype)
