@@ -295,3 +295,13 @@ def test_builtins_are_registered_and_round_trip(registry, names):
 def test_scale_maps_of_every_mapper_keep_the_energy_shape(shape, kind):
     e = torch.rand(shape[0], 1, *shape[2:])
     assert make_mapper(kind, 1.0, 4.0)(e, CTX).shape == e.shape
+
+
+@given(e=energies(), scale=st.floats(2.0, 11.0), q=st.floats(0.05, 0.95))
+def test_bound_k_puts_the_chosen_quantile_at_the_chosen_scale(e, scale, q):
+    quantile = float(torch.quantile(e.flatten(), q))
+    if quantile <= 0:
+        return  # a zero quantile energy maps to w_max whatever K is
+    k = EF.bound_k(e, scale, q)
+    at_quantile = BoundMapper(1.0, 12.0, k=k, eps=1e-30)(torch.tensor([[[[quantile]]]], dtype=e.dtype), CTX)
+    assert float(at_quantile) == pytest.approx(scale, rel=1e-9)

@@ -19,6 +19,7 @@ from ..layout import append_dims
 __all__ = [
     "Normalization",
     "Reduce",
+    "bound_k",
     "bound_scale",
     "delta_energy",
     "gaussian_kernel1d",
@@ -157,6 +158,15 @@ def bound_scale(energy: Tensor, k: float, eps: float, w_min: float, w_max: float
     if not decreasing:
         bound.neg_().add_(w_min + w_max)  # mirror before the clip: the bounds stay exact
     return bound.clamp_(w_min, w_max)
+
+
+def bound_k(energy: Tensor, scale: float, q: float = 0.5) -> float:
+    """The bound constant ``K`` that gives ``scale`` at the q-quantile of ``energy``: ``(scale - 1) √Q_q(E)``.
+
+    A calibration aid for :func:`bound_scale`, whose ``K`` the paper's text does not give: measure the
+    x0-space energy of a model at a typical step and put, say, the median point at the mid scale.
+    """
+    return (scale - 1.0) * float(per_sample_quantile(energy.reshape(1, -1), q).sqrt())
 
 
 def quantile_clip(energy: Tensor, q_lo: float, q_hi: float) -> Tensor:
