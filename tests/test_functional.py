@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gen import examples, make_pair, pred_pairs, shapes
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -20,7 +21,6 @@ from guidekit.functional import (
     rescale_std,
     upcast,
 )
-from tests.gen import examples, make_pair, pred_pairs, shapes
 
 scales = st.floats(-3.0, 20.0, allow_nan=False)
 fractions = st.floats(0.0, 1.0)

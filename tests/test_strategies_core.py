@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from gen import examples, make_pair, sigmas
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,7 +14,6 @@ import guidekit as gk
 from guidekit.errors import ConfigError, ShapeError
 from guidekit.functional import apg, apg_from_delta, cfg, rescale_std
 from guidekit.strategies.apg import MomentumState
-from tests.gen import examples, make_pair, sigmas
 
 Ctx = gk.GuidanceContext
 
