@@ -117,7 +117,7 @@ def flow_times(steps: int, *, shift: float = 1.0, t_max: float = 1.0, t_min: flo
     if not shift > 0:
         raise ConfigError(f"shift: expected a positive number, got {shift!r}")
     t = torch.linspace(t_max, t_min, steps, dtype=torch.float64)
-    t = shift * t / (1 + (shift - 1) * t)
+    t = t / (t + (1 - t) / shift)  # = shift·t / (1 + (shift - 1)·t), exact at t = 1
     return _append_zero(t)
 
 
