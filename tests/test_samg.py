@@ -431,3 +431,30 @@ def test_unit_range_collapses_to_conditional_only():
     c = torch.randn(1, 2, 3, 3)
     assert not s.needs_uncond(ctx_for(c)) and gk.SAMG().needs_uncond(ctx_for(c))
     assert s(c, torch.randn_like(c)) is c
+
+
+# -- in the sampling loop ----------------------------------------------------------------------------------
+def _toy_x0_model(x, sigma, cond):
+    """A conditional EDM denoiser ``(x, sigma, cond) -> x0`` on ``(b, f, c, h, w)``: cond 1 adds a pattern."""
+    s = sigma.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+    rows, cols = torch.linspace(0, 1, x.shape[-2], dtype=x.dtype), torch.linspace(-1, 1, x.shape[-1], dtype=x.dtype)
+    pattern = rows[:, None] * cols
+    return torch.tanh(x / torch.sqrt(1 + s**2)) + cond.view(-1, *([1] * (x.ndim - 1))).to(x.dtype) * pattern
+
+
+def test_samg_in_the_loop_records_bounded_maps_and_equals_cfg_at_equal_bounds():
+    x_t = torch.randn(2, 3, 4, 5, 6, generator=torch.Generator().manual_seed(0))  # (b, f, c, h, w)
+    run = {"prediction": "edm", "layout": "b f c h w", "sampler": "euler", "steps": 4, "progress": False}
+    branches = {"cond": torch.ones(2), "uncond": torch.zeros(2)}
+    records = []
+    out = gk.sample(
+        _toy_x0_model, x_t, strategy=gk.SAMG(w=3), callback=records.append, record_scale_maps=True, **run, **branches
+    )
+    assert out.shape == x_t.shape and torch.isfinite(out).all()
+    for rec in records:
+        assert rec.scale_map.shape == (2, 1, 3, 5, 6)  # one scale per (frame, h, w) point
+        assert 2.0 <= rec.scale_min <= rec.scale_max <= float(torch.tensor(4.8))  # float32 maps
+    cfg = gk.sample(_toy_x0_model, x_t, strategy=gk.CFG(3), **run, **branches)
+    same = gk.sample(_toy_x0_model, x_t, strategy=gk.SAMG(w_min=3, w_max=3), **run, **branches)
+    assert torch.equal(same, cfg)
+    assert not torch.allclose(out, cfg)
