@@ -68,14 +68,15 @@ def adg(
         w'   = max(w - 1, 0) + weight_floor
         θ    = arccos cos(x0_c, x0_u)                       (float64)
         θ_w  = min(w' θ, max_angle)
-        perp = (x0_c - x0_u) - proj_{x0_u}(x0_c - x0_u)    (proj with ‖x0_u‖² + 1e-8)
+        perp = (x0_c - x0_u) - proj_{x0_u}(x0_c - x0_u)
         out  = cos θ_w · x0_c + perp · (sin θ_w / sin θ  if sin θ > 1e-3  else  w')
 
     ``perp`` is the part of ``x0_c`` orthogonal to ``x0_u``, so the output lies in ``span{x0_c, x0_u}`` and
     ``‖out‖ ≤ √2 ‖x0_c‖``. For small θ it is ``x0_c + w'·perp``: CFG without the component along ``x0_u``.
     ``weight_floor = 0`` and ``scale = 1`` give ``x0_c`` exactly; the official code keeps ``1e-3``.
-    Deviation: the cosine is clamped to ``[-1, 1]`` (the official ``acos`` gives NaN when rounding pushes
-    it past 1, e.g. for ``x0_c == x0_u``).
+    Deviations, both numerical guards: the cosine is clamped to ``[-1, 1]`` (the official ``acos`` gives
+    NaN when rounding pushes it past 1, e.g. for ``x0_c == x0_u``), and the projection divides by
+    ``‖x0_u‖²`` with a zero guard instead of ``‖x0_u‖² + 1e-8``, so ``θ = 0`` gives ``x0_c`` exactly.
     """
     shape, dtype = x0_cond.shape, x0_cond.dtype
     c = x0_cond.reshape(shape[0], -1).to(torch.float64)
@@ -84,7 +85,8 @@ def adg(
     theta = torch.acos(per_sample_cosine(c, u))
     theta_w = (weight * theta).clamp(max=max_angle)
     diff = c - u
-    perp = diff - (per_sample_dot(diff, u) / (per_sample_dot(u, u) + 1e-8))[:, None] * u
+    uu = per_sample_dot(u, u)
+    perp = diff - torch.where(uu > 0, per_sample_dot(diff, u) / torch.where(uu > 0, uu, 1.0), 0.0)[:, None] * u
     sin_theta = torch.sin(theta)
     small = sin_theta <= 1e-3  # first-order limit sin(w'θ)/sin θ -> w'
     ratio = torch.where(small, weight, torch.sin(theta_w) / torch.where(small, 1.0, sin_theta))

@@ -50,7 +50,10 @@ def _scales(fn: Callable[[float], float], name: str, variable: Variable, ctx: Gu
         keys = ctx.sigma.detach().to("cpu", torch.float64)
         inputs = dict.fromkeys(keys.tolist())
     for x in inputs:
-        value = fn(x)
+        try:
+            value = fn(x)
+        except Exception as exc:  # a user function may fail in any way: name it and its input
+            raise ConfigError(f"function: {name}({variable}={x!r}) raised {type(exc).__name__}: {exc}") from exc
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise ConfigError(f"function: expected {name}({variable}={x!r}) to return a finite number, got {value!r}")
         inputs[x] = float(value)
