@@ -122,7 +122,7 @@ def test_minmax_maps_to_unit_interval_and_is_exactly_scale_invariant(e, a):
     assert (flat.amin(1) == 0).all()
     hi = e.flatten(1).amax(1)
     span = hi - e.flatten(1).amin(1)
-    torch.testing.assert_close(flat.amax(1), span / (span + 1e-8 * hi).clamp_min(1e-300))  # max -> 1 - O(tau)
+    torch.testing.assert_close(flat.amax(1), span / (span + EF.DEFAULT_TAU * hi).clamp_min(1e-300))  # max -> 1 - O(tau)
     torch.testing.assert_close(MinMax()(a * e, CTX), n, rtol=1e-12, atol=1e-12)
 
 
@@ -133,7 +133,7 @@ def test_minmax_per_frame_gives_each_frame_the_full_range(e):
     e_hi = e.flatten(3).amax(-1)
     span = e_hi - e.flatten(3).amin(-1)
     assert (per_frame.amin(-1) == 0).all()
-    torch.testing.assert_close(per_frame.amax(-1), span / (span + 1e-8 * e_hi).clamp_min(1e-300))
+    torch.testing.assert_close(per_frame.amax(-1), span / (span + EF.DEFAULT_TAU * e_hi).clamp_min(1e-300))
 
 
 @given(e=energies(ndim=4))
@@ -231,9 +231,12 @@ def test_linear_mapper_formula(e, r):
 
 @given(e=energies(), q=st.floats(0, 1))
 def test_threshold_mapper_is_two_level_at_the_quantile(e, q):
-    omega = ThresholdMapper(2.0, 9.0, q=q)(e, CTX)
     quantile = torch.quantile(e.flatten(1), q, dim=1).view(-1, *([1] * (e.ndim - 1)))
+    omega = ThresholdMapper(2.0, 9.0, q=q, tau=0.0)(e, CTX)
     assert torch.equal(omega, torch.where(e > quantile, 2.0, 9.0).to(omega.dtype))
+    margin = quantile + 1e-3 * e.flatten(1).amax(1).view_as(quantile)
+    omega = ThresholdMapper(2.0, 9.0, q=q, tau=1e-3)(e, CTX)
+    assert torch.equal(omega, torch.where(e > margin, 2.0, 9.0).to(omega.dtype))
 
 
 @given(e=energies(), k=st.floats(0, 10), r=scale_ranges())
@@ -257,6 +260,7 @@ def test_mapper_uniform_energy_gives_w_max_for_linear_and_threshold():
         (lambda: LinearMapper(12, 5), r"w_min, w_max: expected w_min <= w_max, got w_min=12.0 > w_max=5.0"),
         (lambda: ThresholdMapper(q=1.5), r"q: expected a number <= 1.0, got 1.5"),
         (lambda: ThresholdMapper(q=-0.1), r"q: expected a number >= 0.0, got -0.1"),
+        (lambda: ThresholdMapper(tau=-1.0), r"tau: expected a number >= 0.0, got -1.0"),
         (lambda: BoundMapper(k=-1), r"k: expected a number >= 0.0, got -1"),
         (lambda: BoundMapper(eps=0), r"eps: expected a number > 0, got 0"),
         (lambda: LinearMapper(direction="up"), r"direction: expected one of 'decreasing', 'increasing', got 'up'"),

@@ -91,8 +91,10 @@ def test_s3_scale_is_monotone_in_energy_with_extremes_at_w_min_and_w_max(pair, r
         e, o = energy[b].flatten(), omega[b].flatten()
         order = e.argsort()
         assert (o[order].diff() <= 1e-9 * (1 + abs(r[1]))).all()
-        if kind == "linear" and e.max() > e.min():  # arg-max -> w_min, arg-min -> w_max (up to tau)
-            assert o[e.argmax()] == pytest.approx(r[0], abs=1e-6 * (1 + abs(r[1])))
+        if kind == "linear" and e.max() > e.min():  # arg-max -> w_min up to tau, arg-min -> w_max
+            span = float(e.max() - e.min())
+            expected = r[1] - (r[1] - r[0]) * span / (span + EF.DEFAULT_TAU * float(e.max()))
+            assert float(o[e.argmax()]) == pytest.approx(expected, rel=1e-9, abs=1e-9)
             assert o[e.argmin()] == r[1]
 
 
@@ -191,12 +193,15 @@ def test_s8_zero_delta_returns_cond_and_uniform_energy_gives_constant_scale(pair
     ctx = ctx_for(c)
     s = samg(kind, *r)
     assert torch.equal(s(c, c, ctx), c)
-    # uniform energy: Δ with the same channel vector at every point (u = 0 keeps Δ exact)
-    delta = torch.randn(c.shape[0], c.shape[1], *([1] * (c.ndim - 2)), dtype=c.dtype).expand_as(c)
-    omega = s.scale_map(delta, torch.zeros_like(c), ctx)
-    assert torch.equal(omega, omega.flatten(1)[:, :1].reshape(-1, *([1] * (c.ndim - 1))).expand_as(omega))
-    if kind != "bound":
-        assert (omega == r[1]).all()
+    # uniform energy: the same channel vector at every point. The channel reduction is not bitwise equal
+    # across points (vectorised vs tail loops), so "constant" holds to the rounding noise, damped by tau.
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-3)):
+        delta = torch.randn(c.shape[0], c.shape[1], *([1] * (c.ndim - 2)), dtype=dtype).expand(c.shape)
+        omega = s.scale_map(delta, torch.zeros_like(delta), ctx)
+        first = omega.flatten(1)[:, :1].reshape(-1, *([1] * (c.ndim - 1)))
+        torch.testing.assert_close(omega, first.expand_as(omega), rtol=0, atol=tol * (1 + abs(r[1])))
+        if kind != "bound":
+            torch.testing.assert_close(omega, torch.full_like(omega, r[1]), rtol=0, atol=tol * (1 + abs(r[1])))
 
 
 @given(shape=shapes(ndim=5).filter(lambda s: s[2] >= 2), seed=st.integers(0, 2**16))
@@ -213,7 +218,7 @@ def test_s9_clip_normalisation_is_global_and_frame_normalisation_per_frame(shape
 
     def lowest(e):  # the scale at the highest energy: w_min up to the relative tau
         span = e.max() - e.min()
-        return 8.0 - 5.0 * float(span / (span + 1e-8 * e.max()))
+        return 8.0 - 5.0 * float(span / (span + EF.DEFAULT_TAU * e.max()))
 
     for b in range(shape[0]):
         e = energy[b, 0]
@@ -240,7 +245,7 @@ def test_increasing_direction_mirrors_decreasing(pair, r, kind):
 # -- references and the fused fast path ---------------------------------------------------------------
 @given(pair=pred_pairs(), r=scale_ranges())
 def test_default_matches_the_comfy_cfg_megapack_formula(pair, r):
-    """methods.md §3.2 written out; the megapack's absolute tau (1e-8) vs our relative one is the only change."""
+    """methods.md §3.2 written out, with the megapack's tau = 1e-8 made relative to max E."""
     c, u = pair
     w_min, w_max = r
     delta = c - u
@@ -250,7 +255,7 @@ def test_default_matches_the_comfy_cfg_megapack_formula(pair, r):
     hi = flat.amax(1).view(-1, *([1] * (c.ndim - 1)))
     omega = w_max - (energy - lo) / (hi - lo + 1e-8 * hi).clamp_min(1e-300) * (w_max - w_min)
     ref = u + omega * delta
-    got = gk.SAMG(w_min=w_min, w_max=w_max)(c, u, ctx_for(c))
+    got = gk.SAMG(w_min=w_min, w_max=w_max, transforms=(MinMax(tau=1e-8),))(c, u, ctx_for(c))
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9 * float(c.abs().max() + 1) * (1 + abs(w_max)))
 
 
@@ -296,7 +301,7 @@ def test_cogvideox_layout_via_canonical_matches_a_direct_computation(shape, seed
     energy = ((c - u) ** 2).mean(2, keepdim=True)  # (b, f, 1, h, w): channel dim 2 of the native layout
     dims = (1, 2, 3, 4) if normalise_over == "sample" else (2, 3, 4)
     lo, hi = energy.amin(dims, keepdim=True), energy.amax(dims, keepdim=True)
-    omega = 9.6 - (energy - lo) / (hi - lo + 1e-8 * hi).clamp_min(1e-300) * (9.6 - 4)
+    omega = 9.6 - (energy - lo) / (hi - lo + EF.DEFAULT_TAU * hi).clamp_min(1e-300) * (9.6 - 4)
     torch.testing.assert_close(got, u + omega * (c - u), rtol=1e-10, atol=1e-10)
 
 

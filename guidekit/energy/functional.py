@@ -17,6 +17,7 @@ from ..functional import upcast
 from ..layout import append_dims
 
 __all__ = [
+    "DEFAULT_TAU",
     "Normalization",
     "Reduce",
     "bound_k",
@@ -39,6 +40,13 @@ __all__ = [
 Reduce = Literal["mean", "sum"]
 Normalization = Literal["sample", "frame"]
 
+DEFAULT_TAU = 1e-3
+"""Min-max guard ``τ``, relative to ``max E``. It also bounds how far rounding noise can move the map: a
+channel reduction in float32 is only exact to ~1e-6 of ``max E`` (and not bitwise equal at equal inputs),
+so with ``τ = 1e-8`` a uniform energy's noise would be stretched over the whole ``[w_min, w_max]``; with
+``1e-3`` it moves Ω by at most ~0.1% of the range, while the highest energy still gets ``w_min`` to
+within ``τ · max E / span`` of the range."""
+
 
 def per_sample(v: Tensor, like: Tensor, name: str = "ctx.sigma") -> Tensor:
     """A ``(b,)`` (or one-element) per-sample tensor shaped to broadcast against ``like``, in its dtype."""
@@ -58,7 +66,9 @@ def delta_energy(pred_cond: Tensor, pred_uncond: Tensor, reduce: Reduce = "mean"
     return sq.mean(1, keepdim=True) if reduce == "mean" else sq.sum(1, keepdim=True)
 
 
-def minmax_coefficients(energy: Tensor, over: Normalization = "sample", tau: float = 1e-8) -> tuple[Tensor, Tensor]:
+def minmax_coefficients(
+    energy: Tensor, over: Normalization = "sample", tau: float = DEFAULT_TAU
+) -> tuple[Tensor, Tensor]:
     """``(lo, span)`` with ``Ê = (E - lo) / span`` the min-max normalised energy (methods.md §3.4 step 3).
 
     ``lo = min E`` and ``span = max E - min E + tau · max E``, per sample (``over="sample"``: all non-batch
@@ -78,7 +88,7 @@ def minmax_coefficients(energy: Tensor, over: Normalization = "sample", tau: flo
     return lo, span.masked_fill_(span <= 0, 1.0)
 
 
-def minmax_normalize(energy: Tensor, over: Normalization = "sample", tau: float = 1e-8) -> Tensor:
+def minmax_normalize(energy: Tensor, over: Normalization = "sample", tau: float = DEFAULT_TAU) -> Tensor:
     """Min-max normalised energy ``Ê = (E - min E) / (max E - min E + tau · max E)`` in ``[0, 1]``.
 
     A division, not a multiplication by ``1 / span``: ``E - lo <= span`` then guarantees ``Ê <= 1`` and no
@@ -105,7 +115,7 @@ def minmax_linear_scale(
     w_max: float,
     decreasing: bool = True,
     over: Normalization = "sample",
-    tau: float = 1e-8,
+    tau: float = DEFAULT_TAU,
 ) -> Tensor:
     """:func:`minmax_normalize` then :func:`linear_scale` as one affine map per sample (or frame).
 
@@ -135,16 +145,20 @@ def per_sample_quantile(flat: Tensor, q: float) -> Tensor:
     return value.lerp_(above, frac)
 
 
-def threshold_scale(energy: Tensor, q: float, w_min: float, w_max: float, decreasing: bool = True) -> Tensor:
-    """Two-level ("multi") scale: ``w_min`` where ``E > Q_q(E)`` (per-sample q-quantile), else ``w_max``.
+def threshold_scale(
+    energy: Tensor, q: float, w_min: float, w_max: float, decreasing: bool = True, tau: float = DEFAULT_TAU
+) -> Tensor:
+    """Two-level ("multi") scale: ``w_min`` where ``E > Q_q(E) + τ · max E`` (per sample), else ``w_max``.
 
     The literal reading of the SAMG abstract (methods.md §3.4, mapping ``threshold``); ``decreasing=False``
-    swaps the two levels. Uniform energy gives ``w_max`` everywhere (decreasing).
+    swaps the two levels. The relative margin ``τ`` keeps float rounding noise of a uniform energy from
+    splitting it in two: uniform energy gives ``w_max`` everywhere (decreasing).
     """
     high, low = (w_min, w_max) if decreasing else (w_max, w_min)
-    quantile = per_sample_quantile(energy.flatten(1), q)
+    flat = energy.flatten(1)
+    cut = per_sample_quantile(flat, q).add_(flat.amax(1), alpha=tau)
     out = torch.full_like(energy, low)
-    return out.masked_fill_(energy > append_dims(quantile, energy.ndim), high)
+    return out.masked_fill_(energy > append_dims(cut, energy.ndim), high)
 
 
 def bound_scale(energy: Tensor, k: float, eps: float, w_min: float, w_max: float, decreasing: bool = True) -> Tensor:

@@ -11,7 +11,7 @@ from ..context import GuidanceContext
 from ..errors import ConfigError
 from ..registry import MAPPERS
 from .base import EnergyEstimator, ScaleMapper, check_number
-from .functional import bound_scale, linear_scale, threshold_scale
+from .functional import DEFAULT_TAU, bound_scale, linear_scale, threshold_scale
 
 __all__ = ["BoundMapper", "LinearMapper", "ThresholdMapper"]
 
@@ -38,21 +38,25 @@ class LinearMapper(ScaleMapper):
 class ThresholdMapper(ScaleMapper):
     """Two-level ("multi") guidance: ``w_min`` where ``E > Q_q(E)``, else ``w_max`` (methods.md §3.4).
 
-    ``Q_q`` is the per-sample q-quantile over all points (the whole clip for video). Invariant to any
-    increasing transform of the energy, so it needs no normalisation.
+    ``Q_q`` is the per-sample q-quantile over all points (the whole clip for video). Invariant to scaling
+    the energy (and to any increasing transform, up to the ``tau`` margin), so it needs no normalisation.
 
     Args:
         q: quantile in ``[0, 1]``; the fraction ``1 - q`` of highest-energy points gets the conservative scale.
+        tau: a point must exceed the quantile by ``tau · max E``; keeps rounding noise of a uniform energy
+            from splitting it into two levels. 0 = the bare rule.
     """
 
     q: float = 0.5
+    tau: float = DEFAULT_TAU
 
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "q", check_number("q", self.q, low=0.0, high=1.0))
+        object.__setattr__(self, "tau", check_number("tau", self.tau, low=0.0))
 
     def __call__(self, energy: Tensor, ctx: GuidanceContext) -> Tensor:
-        return threshold_scale(energy, self.q, self.w_min, self.w_max, self.decreasing)
+        return threshold_scale(energy, self.q, self.w_min, self.w_max, self.decreasing, self.tau)
 
 
 @MAPPERS.register("bound")

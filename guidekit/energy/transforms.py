@@ -10,7 +10,7 @@ from ..context import GuidanceContext
 from ..errors import ConfigError
 from ..registry import TRANSFORMS
 from .base import EnergyTransform, check_choice, check_number
-from .functional import Normalization, gaussian_smooth, minmax_normalize, quantile_clip
+from .functional import DEFAULT_TAU, Normalization, gaussian_smooth, minmax_normalize, quantile_clip
 
 __all__ = ["GaussianSmooth", "MinMax", "QuantileClip"]
 
@@ -26,11 +26,13 @@ class MinMax(EnergyTransform):
             latent (each frame gets the full ``[w_min, w_max]`` range; can flicker). Latents without a frame
             axis (images) are one frame.
         tau: guard relative to ``max E`` (comfy-cfg-megapack uses an absolute ``1e-8``); relative makes the
-            result exactly invariant to scaling the energy. Uniform energy gives ``Ê = 0``.
+            result exactly invariant to scaling the energy. Uniform energy gives ``Ê = 0``. The default 1e-3
+            keeps float rounding noise of a (nearly) uniform energy from spanning the range
+            (:data:`~guidekit.energy.functional.DEFAULT_TAU`).
     """
 
     over: Normalization = "sample"
-    tau: float = 1e-8
+    tau: float = DEFAULT_TAU
 
     def __post_init__(self) -> None:
         check_choice("over", self.over, ("sample", "frame"))
