@@ -352,7 +352,7 @@ def sample(
     uncond: Any = None,
     prediction: str = "eps",
     schedule: Tensor | Sequence[float] | str | None = None,
-    layout: str = "b c h w",
+    layout: str | None = None,
     alphas_cumprod: Tensor | None = None,
     time_scale: float = 1.0,
     weak_model: NativeModel | ModelAdapter | None = None,
@@ -375,7 +375,8 @@ def sample(
         cond, uncond: conditions (see :func:`guided`).
         prediction: ``"eps"``, ``"v"``, ``"x0"`` (VP), ``"flow"`` (rectified flow) or ``"edm"``.
         schedule: EDM sigmas ending at 0, or a name (:func:`default_schedule`).
-        layout: the model's layout (``"b c h w"``, ``"b c f h w"``, ``"b f c h w"``, ...).
+        layout: the model's layout (``"b c h w"`` when not given, ``"b c f h w"``, ``"b f c h w"``, ...); an
+            adapter brings its own.
         weak_model: AutoGuidance's weak model (native or adapter), in place of the unconditional branch.
         generator: noise for stochastic samplers; one per sample for batch-independent results.
         progress: show a tqdm bar (``None``: only on a terminal).
@@ -384,10 +385,13 @@ def sample(
         allow_nonfinite: let NaN/Inf predictions through.
         sampler_options: extra keyword arguments of the sampler (``eta``, ``s_churn``, ...).
     """
-    adapter = adapt(model, prediction, alphas_cumprod=alphas_cumprod, time_scale=time_scale, layout=layout)
+    if isinstance(model, ModelAdapter) and layout is not None and layout != model.layout:
+        raise ConfigError(f"layout: expected the adapter's layout {model.layout!r} (or None), got {layout!r}")
+    edge = {"alphas_cumprod": alphas_cumprod, "time_scale": time_scale, "layout": layout or "b c h w"}
+    adapter = adapt(model, prediction, **edge)
     weak = None
     if weak_model is not None:
-        weak = adapt(weak_model, prediction, alphas_cumprod=alphas_cumprod, time_scale=time_scale, layout=layout)
+        weak = adapt(weak_model, prediction, **{**edge, "layout": adapter.layout})
     if strategy is not None and not isinstance(strategy, GuidanceStrategy):
         strategy = build(strategy, where="strategy")
     sigmas = _schedule(adapter, steps, schedule)
