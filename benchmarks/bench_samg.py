@@ -3,7 +3,8 @@
     python benchmarks/bench_samg.py speed              # ratios SAMG / CFG on (2,4,128,128), (1,16,13,60,90)
     python benchmarks/bench_samg.py quality --seeds 2  # CFG vs SAMG variants over w on the digits bench
 
-Speed: one thread, every variant timed in interleaved rounds, best round kept (the CPU may be shared).
+Speed: one thread, every variant timed in interleaved rounds, best round kept, in *thread CPU time*
+(``time.thread_time``): on a shared CPU, wall time also counts the time other processes hold the core.
 Both the bare ``combine`` and the checked ``__call__`` are reported. Quality: one setting for all
 (DDIM, 20 steps, trailing schedule), the same noise per seed for every strategy; the mean scale is the
 average of ``scale_map`` over the steps (for CFG: ``w``), so strategies can be compared at equal mean
@@ -31,10 +32,10 @@ def _best(fns: dict[str, Callable[[], object]], number: int = 30, rounds: int = 
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = time.thread_time()
             for _ in range(number):
                 fn()
-            times[name].append((time.perf_counter() - start) / number)
+            times[name].append((time.thread_time() - start) / number)
     return {name: min(values) for name, values in times.items()}
 
 
