@@ -219,6 +219,9 @@ class DiffusersGuidance(GuidanceStrategy):
     """
 
     space: ClassVar[StrategySpace] = "native"
+    contract_exempt: ClassVar[dict[str, str]] = {
+        "spec_round_trip": "wraps a diffusers guider object, which has its own config format; not registered"
+    }
 
     guider: Any = None
 
@@ -233,25 +236,51 @@ class DiffusersGuidance(GuidanceStrategy):
             )
 
     def needs_uncond(self, ctx: GuidanceContext) -> bool:
-        return self.needs_uncond_state(ctx, copy.copy(self.guider))
+        return self.needs_uncond_state(ctx, None)
 
-    def needs_uncond_state(self, ctx: GuidanceContext, state: Any) -> bool:
-        guider = self.guider if state is None else state
-        probe = copy.copy(guider)  # set_state only rebinds attributes: a shallow copy keeps the original intact
+    def needs_uncond_state(self, ctx: GuidanceContext, state: _GuiderState | None) -> bool:
+        probe = copy.copy(self.guider if state is None else state.guider)  # set_state only rebinds attributes
         probe.set_state(step=ctx.step, num_inference_steps=ctx.num_steps, timestep=None)
         return probe.num_conditions >= 2
 
-    def init_state(self, like: Tensor) -> Any:
-        return copy.deepcopy(self.guider)
+    def init_state(self, like: Tensor) -> _GuiderState:
+        return _GuiderState(copy.deepcopy(self.guider))
 
     def combine(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor:
         return self.combine_step(pred_cond, pred_uncond, ctx, self.init_state(pred_cond))[0]
 
     def combine_step(
-        self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext, state: Any
-    ) -> tuple[Tensor, Any]:
-        guider = copy.deepcopy(state)
+        self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext, state: _GuiderState
+    ) -> tuple[Tensor, _GuiderState]:
+        guider = copy.deepcopy(state.guider)
         guider.set_state(step=ctx.step, num_inference_steps=ctx.num_steps, timestep=None)
         guider.prepare_inputs({})  # step 0 resets per-run state (APG's momentum buffer)
         out = guider.forward(pred_cond=pred_cond, pred_uncond=pred_uncond).pred
-        return out, (guider if ctx.substep == 0 else state)
+        return out, (_GuiderState(guider) if ctx.substep == 0 else state)
+
+
+class _GuiderState:
+    """A per-run copy of a guider: :class:`DiffusersGuidance`'s explicit state.
+
+    Two states are equal when their attributes are (tensors by value), so a replayed run can be checked.
+    """
+
+    __slots__ = ("guider",)
+
+    def __init__(self, guider: Any) -> None:
+        self.guider = guider
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _GuiderState) and _same(vars(self.guider), vars(other.guider))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if hasattr(a, "__dict__") and not isinstance(a, type):
+        return type(a) is type(b) and _same(vars(a), vars(b))
+    return bool(a == b)
