@@ -116,10 +116,10 @@ class APG(GuidanceStrategy):
             return self.combine(pred_cond, pred_uncond, ctx), state
         delta = upcast(pred_cond) - upcast(pred_uncond, upcast(pred_cond).dtype)
         if ctx.substep == 0:
-            running = momentum_update(delta, state.running, self.momentum)
+            running = momentum_update(delta, state.running, self.momentum, inplace=True)
             state = MomentumState(running=running, before_step=state.running)
         else:
-            running = momentum_update(delta, state.before_step, self.momentum)
+            running = momentum_update(delta, state.before_step, self.momentum, inplace=True)
         return apg_from_delta(pred_cond, running, self.scale, self.eta, self.norm_threshold), state
 
 

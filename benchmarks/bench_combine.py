@@ -1,0 +1,160 @@
+"""Combine overhead: what one guidance combine costs on CPU, against a plain copy and against diffusers.
+
+    python benchmarks/bench_combine.py            # prints the table and writes docs/benchmarks.md
+    python benchmarks/bench_combine.py --no-write
+
+One thread. For each shape every operation is timed in interleaved rounds (so a busy neighbour slows all
+of them alike); each round averages several calls and the reported time is the median over rounds.
+Inputs are float32 ``(2, 4, 128, 128)`` (an SDXL 1024² latent pair) and ``(1, 16, 13, 60, 90)`` (a
+CogVideoX-sized video latent in canonical layout).
+
+* ``copy``: ``out.copy_(pred_cond)`` into a preallocated tensor: the memory-bandwidth floor for
+  touching one prediction.
+* guidekit, bare math (``strategy.combine``) and the checked path the loop uses (``strategy.step``:
+  input checks, explicit state, and a finite check of the output).
+* diffusers' guiders (``forward``) in the same configuration. APG is compared like for like: the paper
+  form with w = 15, eta = 0, r = 15, momentum -0.5, which in diffusers is ``use_original_formulation=True``
+  with ``guidance_scale = w - 1`` (tests/test_diffusers_guiders.py shows the two are equal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import guidekit as gk
+
+SHAPES: tuple[tuple[int, ...], ...] = ((2, 4, 128, 128), (1, 16, 13, 60, 90))
+DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+SECTION = "## Combine overhead"
+TARGETS = {"CFG / copy": 2.0, "APG / diffusers APG": 0.5, "SAMG / CFG": 3.0}
+
+
+def median_times(fns: dict[str, Callable[[], object]], rounds: int = 21, budget_s: float = 0.01) -> dict[str, float]:
+    """Median over ``rounds`` interleaved rounds of the mean seconds per call of each function."""
+    numbers = {}
+    for name, fn in fns.items():  # warm up, then size each round to about ``budget_s``
+        fn()
+        start = time.perf_counter()
+        fn()
+        numbers[name] = max(1, int(budget_s / max(time.perf_counter() - start, 1e-7)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(numbers[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / numbers[name])
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def operations(shape: tuple[int, ...]) -> dict[str, Callable[[], object]]:
+    from diffusers.guiders import AdaptiveProjectedGuidance, ClassifierFreeGuidance
+    from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer
+
+    gen = torch.Generator().manual_seed(0)
+    c, u = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    out = torch.empty_like(c)
+    ctx = gk.GuidanceContext.default(c)
+    cfg, apg, samg = gk.CFG(7.5), gk.APG(scale=15.0, eta=0.0, norm_threshold=15.0, momentum=-0.5), gk.SAMG()
+    apg_state = apg.step(c, u, ctx, apg.init_state(c))[1]  # a buffer that has seen one step
+    their_cfg = ClassifierFreeGuidance(guidance_scale=7.5)
+    their_apg = AdaptiveProjectedGuidance(
+        guidance_scale=14.0,
+        adaptive_projected_guidance_momentum=-0.5,
+        adaptive_projected_guidance_rescale=15.0,
+        eta=0.0,
+        use_original_formulation=True,
+    )
+    their_apg.momentum_buffer = MomentumBuffer(-0.5)
+    their_apg.forward(c, u)
+    return {
+        "copy": lambda: out.copy_(c),
+        "guidekit CFG": lambda: cfg.combine(c, u, ctx),
+        "guidekit CFG (step)": lambda: cfg.step(c, u, ctx, None),
+        "guidekit APG": lambda: apg.combine_step(c, u, ctx, apg_state),
+        "guidekit APG (step)": lambda: apg.step(c, u, ctx, apg_state),
+        "guidekit SAMG": lambda: samg.combine(c, u, ctx),
+        "guidekit SAMG (step)": lambda: samg.step(c, u, ctx, None),
+        "diffusers CFG": lambda: their_cfg.forward(c, u),
+        "diffusers APG": lambda: their_apg.forward(c, u),
+    }
+
+
+def ratios(t: dict[str, float]) -> dict[str, float]:
+    return {
+        "CFG / copy": t["guidekit CFG"] / t["copy"],
+        "CFG (step) / copy": t["guidekit CFG (step)"] / t["copy"],
+        "diffusers CFG / copy": t["diffusers CFG"] / t["copy"],
+        "APG / diffusers APG": t["guidekit APG"] / t["diffusers APG"],
+        "APG (step) / diffusers APG": t["guidekit APG (step)"] / t["diffusers APG"],
+        "SAMG / CFG": t["guidekit SAMG"] / t["guidekit CFG"],
+        "SAMG (step) / CFG (step)": t["guidekit SAMG (step)"] / t["guidekit CFG (step)"],
+    }
+
+
+def markdown(results: dict[tuple[int, ...], dict[str, float]]) -> str:
+    shapes = list(results)
+    head = "| operation | " + " | ".join(f"`{s}` µs" for s in shapes) + " |"
+    lines = [head, "|---|" + "---:|" * len(shapes)]
+    for name in results[shapes[0]]:
+        lines.append(f"| {name} | " + " | ".join(f"{results[s][name] * 1e6:.1f}" for s in shapes) + " |")
+    lines += [
+        "",
+        "| ratio | target | " + " | ".join(f"`{s}`" for s in shapes) + " |",
+        "|---|---|" + "---:|" * len(shapes),
+    ]
+    rows = {s: ratios(results[s]) for s in shapes}
+    for name in rows[shapes[0]]:
+        target = f"≤ {TARGETS[name]}" if name in TARGETS else ""
+        lines.append(f"| {name} | {target} | " + " | ".join(f"{rows[s][name]:.2f}" for s in shapes) + " |")
+    return "\n".join(lines)
+
+
+def write_section(table: str) -> None:
+    cpu = platform.processor() or platform.machine()
+    body = (
+        f"{SECTION}\n\n"
+        f"`python benchmarks/bench_combine.py` on {datetime.date.today().isoformat()}: torch {torch.__version__}, "
+        f"one CPU thread ({cpu}), float32, median of 21 interleaved rounds. The CPU was shared with other "
+        "jobs, so absolute times are noisy; the ratios are what the benchmark is for (each ratio compares "
+        "operations timed in the same rounds).\n\n"
+        "* *bare* rows time `strategy.combine` / `combine_step` (the math); *(step)* rows time `strategy.step`, "
+        "which adds the input checks and a finite check of the output.\n"
+        "* APG: paper form, w = 15, η = 0, r = 15, momentum −0.5 with its state; diffusers' guider in the "
+        "identical configuration (`use_original_formulation=True`, `guidance_scale = w − 1`).\n"
+        "* SAMG: the default (`DeltaSquared` → `MinMax` → `LinearMapper(5, 12)`).\n\n"
+        f"{table}\n"
+    )
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: body + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
+    DOC.write_text(text.rstrip("\n") + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
+    parser.add_argument("--rounds", type=int, default=21)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    results = {shape: median_times(operations(shape), rounds=args.rounds) for shape in SHAPES}
+    table = markdown(results)
+    print(table)
+    if not args.no_write:
+        write_section(table)
+        print(f"\nwrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()
