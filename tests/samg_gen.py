@@ -1,7 +1,9 @@
 """Hypothesis generators for the SAMG / energy tests: shapes, prediction pairs, energies, scale ranges.
 
-Tensors are drawn from a hypothesis-chosen seed, scale and *kind* (dense Gaussian, heavy-tailed,
-sparse Δ with many exactly-equal points), so shrinking stays cheap while values still vary.
+Tensors are drawn from a hypothesis-chosen seed, scale and *kind*, so shrinking stays cheap while values
+still vary. The kinds extend :data:`guidekit.testing.KINDS` (equal, tiny Δ, offset, zero or constant
+samples, ...) with three that matter for a spatial scale: dense Gaussian, heavy-tailed Δ (a few
+dominant points) and sparse Δ (many points with ``c == u`` exactly).
 """
 
 from __future__ import annotations
@@ -9,6 +11,9 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 from torch import Tensor
+
+from guidekit.testing import KINDS as CONTRACT_KINDS
+from guidekit.testing import make_pair
 
 KINDS = ("normal", "heavy", "sparse")
 
@@ -36,9 +41,12 @@ def pred_pairs(
 ) -> tuple[Tensor, Tensor]:
     """``(pred_cond, pred_uncond)``: the "sparse" kind sets ``c == u`` on a random subset of points."""
     shape = draw(shapes()) if shape is None else shape
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    kind = draw(st.sampled_from(KINDS))
+    seed = draw(st.integers(0, 2**31 - 1))
+    kind = draw(st.sampled_from(KINDS + CONTRACT_KINDS))
     scale = draw(st.sampled_from((1e-3, 1.0, 50.0)))
+    if kind in CONTRACT_KINDS:
+        return make_pair(shape, kind, seed, scale, dtype)
+    gen = torch.Generator().manual_seed(seed)
     u = _tensor(shape, gen, "normal", dtype) * scale
     delta = _tensor(shape, gen, kind, dtype) * scale
     if kind == "sparse":
