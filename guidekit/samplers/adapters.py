@@ -29,11 +29,12 @@ from ..functional import check_finite
 from ..layout import check_layout, from_canonical, parse_layout, to_canonical
 from .base import StepInfo
 from .conversions import (
+    _log_sigmas,
     edm_x_from,
     flow_t_from_sigma,
     flow_x,
+    timestep_from_log_sigmas,
     to_x0,
-    vp_timestep_from_sigma,
     vp_x,
 )
 from .schedules import betas_linear
@@ -95,7 +96,7 @@ class ModelAdapter(ABC):
                 f"model output: expected a tensor shaped like the model input {tuple(x_in.shape)} "
                 f"(layout {self.layout!r}), got {got}"
             )
-        if not allow_nonfinite:
+        if not allow_nonfinite and not bool(torch.isfinite(out.sum())):  # one reduction; exact check on failure
             check_finite(out, f"model output at sigma in [{float(sigma.min()):.4g}, {float(sigma.max()):.4g}]")
         return to_canonical(out, self.layout)
 
@@ -153,7 +154,7 @@ class VPModel(ModelAdapter):
         if alphas_cumprod is None:
             alphas_cumprod = torch.cumprod(1 - betas_linear(), 0)
         self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
-        vp_timestep_from_sigma(torch.ones(1, dtype=torch.float64), self.alphas_cumprod, rtol=float("inf"))  # validate
+        self._log_sigmas = _log_sigmas(self.alphas_cumprod)  # validates; cached for model_time
 
     @property
     def sigma_min(self) -> float:
@@ -166,7 +167,7 @@ class VPModel(ModelAdapter):
         return float(((1 - self.alphas_cumprod[-1]) / self.alphas_cumprod[-1]).sqrt())
 
     def model_time(self, sigma: Tensor) -> Tensor:
-        return vp_timestep_from_sigma(sigma, self.alphas_cumprod)
+        return timestep_from_log_sigmas(sigma, self._log_sigmas)
 
     def to_native_x(self, x: Tensor, sigma: Tensor) -> Tensor:
         return vp_x(x, sigma)

@@ -116,7 +116,12 @@ def vp_timestep_from_sigma(sigma: Tensor, alphas_cumprod: Tensor, *, rtol: float
     ``sigma`` must lie in the model's range ``[sigma(0), sigma(T-1)]``; values outside by more than a
     relative ``rtol`` (float rounding) raise :class:`ConfigError` instead of being clipped. Returns float64.
     """
-    log_sigmas = _log_sigmas(alphas_cumprod).to(sigma.device)
+    return timestep_from_log_sigmas(sigma, _log_sigmas(alphas_cumprod), rtol=rtol)
+
+
+def timestep_from_log_sigmas(sigma: Tensor, log_sigmas: Tensor, *, rtol: float = 1e-4) -> Tensor:
+    """:func:`vp_timestep_from_sigma` with the grid's ``log sigma`` precomputed (adapters cache it)."""
+    log_sigmas = log_sigmas.to(sigma.device)
     s = torch.as_tensor(sigma, dtype=torch.float64, device=log_sigmas.device)
     lo_s, hi_s = log_sigmas[0].exp(), log_sigmas[-1].exp()
     if not bool(((s >= lo_s * (1 - rtol)) & (s <= hi_s * (1 + rtol))).all()):
@@ -124,10 +129,10 @@ def vp_timestep_from_sigma(sigma: Tensor, alphas_cumprod: Tensor, *, rtol: float
             f"sigma: expected values in the model's range [{float(lo_s):.6g}, {float(hi_s):.6g}] "
             f"(alphas_cumprod), got values in [{float(s.min()):.6g}, {float(s.max()):.6g}]"
         )
-    log_s = s.log().clamp(log_sigmas[0], log_sigmas[-1])  # only float rounding is clamped (checked above)
-    idx = torch.searchsorted(log_sigmas, log_s.reshape(-1), right=True).clamp(1, log_sigmas.numel() - 1)
+    log_s = s.log().clamp(log_sigmas[0], log_sigmas[-1]).reshape(-1)  # only float rounding is clamped (checked)
+    idx = torch.searchsorted(log_sigmas, log_s, right=True).clamp(1, log_sigmas.numel() - 1)
     lo, hi = log_sigmas[idx - 1], log_sigmas[idx]
-    w = torch.where(torch.isinf(hi), torch.zeros_like(lo), (log_s.reshape(-1) - lo) / (hi - lo))
+    w = torch.where(torch.isinf(hi), torch.zeros_like(lo), (log_s - lo) / (hi - lo))
     t = (idx - 1).to(torch.float64) + w.clamp(0, 1)
     t = torch.where(torch.isinf(s.reshape(-1)) & torch.isinf(hi), torch.full_like(t, log_sigmas.numel() - 1), t)
     return t.reshape(s.shape)
@@ -142,15 +147,24 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _regular(s: Tensor) -> bool:
+    """All per-sample sigmas finite and positive: the formulas need no guard (the common, fast path)."""
+    return bool(((s > 0) & (s < torch.inf)).all())
+
+
 def vp_x(x: Tensor, sigma: Tensor) -> Tensor:
     """EDM ``x`` -> VP ``x_vp = alpha · x`` (at sigma = inf, ``x`` already holds the limit)."""
     s = _per_sample(sigma, x)
+    if _regular(s):
+        return (vp_alpha(s) * x).to(x.dtype)
     return torch.where(torch.isinf(s), x, vp_alpha(s) * x).to(x.dtype)
 
 
 def flow_x(x: Tensor, sigma: Tensor) -> Tensor:
     """EDM ``x`` -> flow ``x_t = (1 - t) · x = x / (1 + sigma)`` (at sigma = inf, ``x`` is the limit)."""
     s = _per_sample(sigma, x)
+    if _regular(s):
+        return (x / (1.0 + s)).to(x.dtype)
     return torch.where(torch.isinf(s), x, x / (1.0 + s)).to(x.dtype)
 
 
@@ -160,6 +174,8 @@ def edm_x_from(x_native: Tensor, sigma: Tensor, coords: Literal["edm", "vp", "fl
     if coords == "edm":
         return x_native
     scale = torch.sqrt(1.0 + s * s) if coords == "vp" else 1.0 + s
+    if _regular(s):
+        return (x_native * scale).to(x_native.dtype)
     return torch.where(torch.isinf(s), x_native, x_native * scale).to(x_native.dtype)
 
 
@@ -187,6 +203,8 @@ def x0_from_eps(eps: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
 def eps_from_x0(x0: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
     """``eps = (x - x0) / sigma`` (EDM, also the Euler derivative ``d``); ``x`` at inf, 0 at sigma = 0."""
     s = _per_sample(sigma, x)
+    if _regular(s):
+        return ((x - x0) / s).to(x0.dtype)
     safe = torch.where(s == 0, torch.ones_like(s), s)
     eps = torch.where(torch.isinf(s), x.to(s.dtype), (x - x0) / safe)
     return torch.where(s == 0, torch.zeros_like(eps), eps).to(x0.dtype)
