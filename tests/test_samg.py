@@ -265,14 +265,20 @@ def test_default_matches_the_comfy_cfg_megapack_formula(pair, r):
     over=st.sampled_from(["sample", "frame"]),
     direction=st.sampled_from(["decreasing", "increasing"]),
 )
-def test_fused_minmax_linear_equals_the_two_stage_pipeline(pair, r, over, direction):
+def test_fused_default_pipeline_equals_the_staged_components(pair, r, over, direction):
     c, u = pair
     if over == "frame" and c.ndim != 5:
         c, u = c.unsqueeze(2), u.unsqueeze(2)
-    energy = DeltaSquared()(c, u, ctx_for(c))
+    ctx = ctx_for(c)
+    energy = DeltaSquared()(c, u, ctx)
     fused = EF.minmax_linear_scale(energy, *r, direction == "decreasing", over)
     staged = EF.linear_scale(EF.minmax_normalize(energy, over), *r, direction == "decreasing")
-    torch.testing.assert_close(fused, staged, rtol=1e-12, atol=1e-12 * (1 + abs(r[1])))
+    tol = 1e-12 * (1 + abs(r[1]))
+    torch.testing.assert_close(fused, staged, rtol=1e-12, atol=tol)
+    # SAMG's fast path (channel sum for the mean) against the three components run one after the other
+    minmax, mapper = MinMax(over=over), LinearMapper(*r, direction)
+    samg_map = gk.SAMG(transforms=(minmax,), mapper=mapper).scale_map(c, u, ctx)
+    torch.testing.assert_close(samg_map, mapper(minmax(energy, ctx), ctx), rtol=1e-9, atol=1e-9 * (1 + abs(r[1])))
 
 
 # -- dtypes, layouts, batches ------------------------------------------------------------------------

@@ -66,6 +66,14 @@ def delta_energy(pred_cond: Tensor, pred_uncond: Tensor, reduce: Reduce = "mean"
     return sq.mean(1, keepdim=True) if reduce == "mean" else sq.sum(1, keepdim=True)
 
 
+def _lo_hi(energy: Tensor, over: Normalization) -> tuple[Tensor, Tensor]:
+    """Per-sample (or per-frame) min and max of ``energy``, shaped to broadcast against it."""
+    if over == "frame" and energy.ndim == 5:
+        return energy.amin(dim=(3, 4), keepdim=True), energy.amax(dim=(3, 4), keepdim=True)
+    flat = energy.flatten(1)  # separate amin/amax: faster than aminmax(dim=1) on CPU
+    return append_dims(flat.amin(1), energy.ndim), append_dims(flat.amax(1), energy.ndim)
+
+
 def minmax_coefficients(
     energy: Tensor, over: Normalization = "sample", tau: float = DEFAULT_TAU
 ) -> tuple[Tensor, Tensor]:
@@ -77,13 +85,7 @@ def minmax_coefficients(
     ``max E``, so ``Ê`` is exactly invariant to scaling the energy. A zero span (all energies equal) is
     replaced by 1, so that ``Ê = 0``. Both outputs broadcast against ``energy``.
     """
-    if over == "frame" and energy.ndim == 5:
-        lo = energy.amin(dim=(3, 4), keepdim=True)
-        hi = energy.amax(dim=(3, 4), keepdim=True)
-    else:
-        flat = energy.flatten(1)  # separate amin/amax: faster than aminmax(dim=1) on CPU
-        lo = append_dims(flat.amin(1), energy.ndim)
-        hi = append_dims(flat.amax(1), energy.ndim)
+    lo, hi = _lo_hi(energy, over)
     span = (hi - lo).add_(hi, alpha=tau)
     return lo, span.masked_fill_(span <= 0, 1.0)
 
@@ -120,12 +122,14 @@ def minmax_linear_scale(
     """:func:`minmax_normalize` then :func:`linear_scale` as one affine map per sample (or frame).
 
     ``Ω = start + (E - lo) · slope`` with the per-sample ``slope = (end - start) / span`` folded first, so
-    the energy map is touched by three in-place passes. A slope that overflows (a span below ~1e-38 of the
-    scale range) is set to 0: such a sample is treated as having uniform energy.
+    the energy map is read once and written once (three in-place passes). The span is floored at
+    ``4 · tiny · max(1, |end - start|)``: the slope stays finite, a zero span (uniform energy) gives
+    ``start``, and since ``E - lo <= span`` no product leaves the range.
     """
-    lo, span = minmax_coefficients(energy, over, tau)
+    lo, hi = _lo_hi(energy, over)
     start, end = (w_max, w_min) if decreasing else (w_min, w_max)
-    slope = span.reciprocal_().mul_(end - start).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    floor = 4.0 * torch.finfo(energy.dtype).tiny * max(1.0, abs(end - start))
+    slope = (hi - lo).add_(hi, alpha=tau).clamp_min_(floor).reciprocal_().mul_(end - start)
     return (energy - lo).mul_(slope).add_(start).clamp_(w_min, w_max)  # clamp: rounding guard only
 
 
