@@ -227,6 +227,24 @@ def test_ddim_matches_diffusers_ddim_scheduler(eta, spacing):
     assert torch.allclose(ours, ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("spacing", ["trailing", "leading"])
+def test_dpmpp_2m_matches_diffusers_dpm_solver_multistep(spacing):
+    """Ours (k-diffusion form, EDM sigma) == diffusers' DPMSolverMultistep(dpmsolver++, order 2) in VP form."""
+    sched = diffusers.DPMSolverMultistepScheduler(
+        algorithm_type="dpmsolver++", solver_order=2, timestep_spacing=spacing, final_sigmas_type="zero"
+    )
+    sched.set_timesteps(10)
+    acp = sched.alphas_cumprod.to(F64)
+    model = _eps_oracle(acp)
+    labels, x = LABELS[:16], noise(16)
+    ref = x.clone()
+    for t in sched.timesteps:
+        ref = sched.step(model(ref, t.to(F64).expand(16), labels), t, ref).prev_sample
+    sigmas = torch.cat([sigma_from_alphas_cumprod(acp[sched.timesteps]), torch.zeros(1, dtype=F64)])
+    ours = gk.sample(model, x, sampler="dpmpp-2m", schedule=sigmas, cond=labels, alphas_cumprod=acp)
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
 def test_euler_matches_diffusers_euler_discrete():
     sched = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", use_karras_sigmas=True)
     sched.set_timesteps(12)
