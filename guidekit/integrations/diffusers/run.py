@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -75,8 +76,10 @@ class GuidedRun:
         self.info = GenerationInfo(family_name, space, sampler_name)
         self.handle: Callable[[Call], Tensor] = self._scheduler_step
         self._pending: tuple[tuple[Any, ...], dict[str, Any], Tensor] | None = None
-        self._sigmas: Tensor | None = None
-        self._order = 1
+        self._space = _strategy_space(strategy, space, scheduler)
+        self._skips = getattr(strategy, "skips_model", None)
+        self._renoise = getattr(strategy, "renoise_prediction", None)
+        self._schedule: _Schedule | None = None
         self._cursor = 0
         self._step = -1
         self._state: Any = _UNSET
@@ -118,34 +121,17 @@ class GuidedRun:
     # -- the pipeline's scheduler drives ----------------------------------------------------------------
     def _scheduler_step(self, call: Call) -> Tensor:
         """One evaluation inside the pipeline's own loop: locate it in the schedule, guide, return ``g``."""
-        scheduler = self.scheduler
-        if self._sigmas is None:
-            self._sigmas = noise_schedule(scheduler)
-            self._order = int(getattr(scheduler, "order", 1))
-        i = self._locate(call.timestep())
-        substep = 0 if getattr(scheduler, "state_in_first_order", True) else 1
+        if self._schedule is None:
+            self._schedule = _Schedule.read(self.scheduler, self.space)
+        i = self._locate(float(call.timestep().flatten()[0]))
+        substep = 0 if not self._schedule.two_stage or self.scheduler.state_in_first_order else 1
         self._step += substep == 0
-        sigma = float(self._sigmas[i])
-        x = call.latent()[call.cond]
-        b, layout = x.shape[0], self.family.layout
-        sig = torch.full((b,), sigma, dtype=torch.float32, device=x.device)
-        one_step = self._order == 1  # the schedule of order-2 schedulers repeats levels; give no schedule then
-        ctx = GuidanceContext(
-            sigma=sig,
-            step=self._step,
-            num_steps=-(-(len(self._sigmas) - 1) // self._order),
-            substep=substep,
-            sigmas=self._sigmas.to(device=x.device, dtype=torch.float32) if one_step else None,
-            sigma_next=torch.full_like(sig, float(self._sigmas[i + 1])) if one_step else None,
-            space=self.space,  # type: ignore[arg-type]  # None when unknown; only space-aware strategies read it
-            allow_nonfinite=self.allow_nonfinite,
-        )
-        coords: Coords = "flow" if self.space == "flow" or is_flow(scheduler) else "vp"
-        x_edm = to_canonical(edm_x_from(x.to(torch.float32), sig, coords), layout)
-        state = self._state_for(substep, to_canonical(x, layout))
-        skips = getattr(self.strategy, "skips_model", None)
-        if skips is not None and skips(ctx):
-            cond = uncond = torch.zeros_like(x)  # CFG-Zero*'s zero-init: the strategy does not read them
+        layout, latent = self.family.layout, call.latent()[call.cond]
+        x = to_canonical(latent, layout)
+        ctx = self._context(x, i, substep)
+        state = self._state_for(substep, x)
+        if self._skips is not None and self._skips(ctx):
+            cond = uncond = torch.zeros_like(latent)  # CFG-Zero*'s zero-init: the strategy does not read them
             used_uncond, nfe = False, 0
         else:
             used_uncond = bool(self.strategy.needs_uncond_state(ctx, state))
@@ -153,14 +139,63 @@ class GuidedRun:
             cond, uncond = (pred[call.cond], pred[call.uncond]) if used_uncond else (pred, pred)
             nfe = 2 if used_uncond else 1
             self.info.forwards += 1
-        if cond.shape != x.shape:
-            raise ShapeError(f"denoiser output: expected the latent's shape {tuple(x.shape)}, got {tuple(cond.shape)}")
+        if cond.shape != latent.shape:
+            raise ShapeError(
+                f"denoiser output: expected the latent's shape {tuple(latent.shape)}, got {tuple(cond.shape)}"
+            )
         self.info.nfe += nfe
-        self.info._log(self._step, sigma, used_uncond)
-        guided, state = self._combine(to_canonical(cond, layout), to_canonical(uncond, layout), ctx, x_edm, state)
+        self.info._log(self._step, self._schedule.sigmas[i], used_uncond)
+        guided, state = self._guide(to_canonical(cond, layout), to_canonical(uncond, layout), ctx, x)
         if substep == 0:
             self._state = state
         return from_canonical(guided, layout).to(cond.dtype)
+
+    def _context(self, x: Tensor, i: int, substep: int) -> GuidanceContext:
+        """The context of evaluation ``i`` of the schedule, for canonical latents ``x``."""
+        schedule = self._schedule
+        assert schedule is not None
+        sigma = torch.full((x.shape[0],), schedule.sigmas[i], dtype=torch.float32, device=x.device)
+        one_step = schedule.order == 1  # order-2 schedulers repeat levels: they get no schedule
+        return GuidanceContext(
+            sigma=sigma,
+            step=self._step,
+            num_steps=-(-(len(schedule.sigmas) - 1) // schedule.order),
+            substep=substep,
+            sigmas=schedule.tensor.to(x.device) if one_step else None,
+            sigma_next=torch.full_like(sigma, schedule.sigmas[i + 1]) if one_step else None,
+            space=self._space,  # type: ignore[arg-type]  # None when unknown; only space-aware strategies read it
+            x=self._x_for(x, schedule.sigmas[i], sigma),
+            allow_nonfinite=self.allow_nonfinite,
+        )
+
+    def _x_for(self, x: Tensor, sigma: float, sigmas: Tensor) -> Tensor | None:
+        """``ctx.x``: the noisy sample in the coordinates of the strategy's space (loop-api.md §4)."""
+        space, coords = self._space, self._schedule.coords  # type: ignore[union-attr]
+        if space is None:
+            return None
+        if (space, coords) in (("v", "vp"), ("flow", "flow")):
+            return x  # the model's own input
+        x_edm = _edm_x(x, sigma, coords)
+        return x_edm if space in ("eps", "x0") else x_for_space(x_edm, sigmas, space)
+
+    def _guide(self, cond: Tensor, uncond: Tensor, ctx: GuidanceContext, x: Tensor) -> tuple[Tensor, Any]:
+        """The strategy's step in its own space, converted from and back to the model's space."""
+        native, space, state = self.space, self._space, self._step_state
+        x_edm = None
+        if space != native:
+            x_edm = _edm_x(x, float(ctx.sigma[0]), self._schedule.coords)  # type: ignore[union-attr]
+            cond = convert(cond, native, space, x_edm, ctx.sigma)  # type: ignore[arg-type]
+            uncond = convert(uncond, native, space, x_edm, ctx.sigma)  # type: ignore[arg-type]
+        if self._renoise is not None and self._renoise(cond, uncond, ctx) is not None:
+            raise ConfigError(
+                f"sampler: {type(self.strategy).__name__} re-noises with its own prediction inside the sampler "
+                "update, which a diffusers scheduler cannot do; expected a guidekit sampler (sampler='ddim', "
+                "'euler', 'flow-euler', ...), got the pipeline's scheduler"
+            )
+        out, state = self.strategy.step(cond, uncond, ctx, state)
+        if x_edm is not None:
+            out = convert(out, space, native, x_edm, ctx.sigma)  # type: ignore[arg-type]
+        return out, state
 
     def _state_for(self, substep: int, like: Tensor) -> Any:
         """The strategy state at the start of the current step (corrector evaluations never advance it)."""
@@ -170,46 +205,17 @@ class GuidedRun:
             self._step_state = self._state
         return self._step_state
 
-    def _locate(self, timestep: Tensor) -> int:
-        """Index of ``timestep`` in the scheduler's timesteps, searching forward from the last match."""
-        t = float(timestep.flatten()[0])
-        timesteps = self.scheduler.timesteps.double().cpu()
-        hits = torch.nonzero(timesteps[self._cursor :] == t)
-        if len(hits) == 0:
-            raise GuidekitError(
-                f"timestep: expected one of the scheduler's timesteps {timesteps.tolist()} (from position "
-                f"{self._cursor}), got {t}; was the scheduler's set_timesteps called by the pipeline?"
-            )
-        i = self._cursor + int(hits[0])
-        self._cursor = i + 1
-        return i
-
-    def _combine(
-        self, cond: Tensor, uncond: Tensor, ctx: GuidanceContext, x_edm: Tensor, state: Any
-    ) -> tuple[Tensor, Any]:
-        """The strategy's step in its own space, converted from and back to the model's space."""
-        native, target = self.space, self.strategy.space
-        renoise = getattr(self.strategy, "renoise_prediction", None)
-        if renoise is not None and renoise(cond, uncond, ctx) is not None:
-            raise ConfigError(
-                f"sampler: {type(self.strategy).__name__} re-noises with its own prediction inside the sampler "
-                "update, which a diffusers scheduler cannot do; expected a guidekit sampler (sampler='ddim', "
-                "'euler', 'flow-euler', ...), got the pipeline's scheduler"
-            )
-        if target in ("any", "native") or target == native:
-            x = x_for_space(x_edm, ctx.sigma, native) if native is not None else None
-            return self.strategy.step(cond, uncond, ctx.replace(x=x), state)
-        if native is None:
-            raise ConfigError(
-                f"prediction_type: {type(self.strategy).__name__} works in {target!r} space, which needs the "
-                f"model's prediction type, but the scheduler {type(self.scheduler).__name__} has no prediction_type "
-                "in its config; expected generate(..., prediction_type='eps' | 'v' | 'flow' | 'x0'), got none"
-            )
-        c = convert(cond, native, target, x_edm, ctx.sigma)  # type: ignore[arg-type]
-        u = convert(uncond, native, target, x_edm, ctx.sigma)  # type: ignore[arg-type]
-        ctx = ctx.replace(space=target, x=x_for_space(x_edm, ctx.sigma, target))  # type: ignore[arg-type]
-        out, state = self.strategy.step(c, u, ctx, state)
-        return convert(out, target, native, x_edm, ctx.sigma), state  # type: ignore[arg-type]
+    def _locate(self, t: float) -> int:
+        """Index of timestep ``t`` in the scheduler's timesteps, searching forward from the last match."""
+        timesteps = self._schedule.timesteps  # type: ignore[union-attr]
+        for i in range(self._cursor, len(timesteps)):
+            if timesteps[i] == t:
+                self._cursor = i + 1
+                return i
+        raise GuidekitError(
+            f"timestep: expected one of the scheduler's timesteps {timesteps} (from position {self._cursor}), "
+            f"got {t}; was the scheduler's set_timesteps called by the pipeline?"
+        )
 
     # -- a guidekit sampler drives ---------------------------------------------------------------------
     def use_sampler(self, sampler: Callable[..., Tensor], shim: SamplerScheduler, options: dict[str, Any]) -> None:
@@ -231,3 +237,51 @@ class GuidedRun:
             return adapter.final_x(final).to(call.latent().dtype)
 
         self.handle = run_sampler
+
+
+def _strategy_space(
+    strategy: GuidanceStrategy, native: PredictionSpace | None, scheduler: Any
+) -> PredictionSpace | None:
+    """The space the strategy's predictions are in: its own, or the model's for ``any`` / ``native``."""
+    if strategy.space in ("any", "native"):
+        return native
+    if native is None:
+        raise ConfigError(
+            f"prediction_type: {type(strategy).__name__} works in {strategy.space!r} space, which needs the "
+            f"model's prediction type, but the scheduler {type(scheduler).__name__} has no prediction_type in its "
+            "config; expected generate(..., prediction_type='eps' | 'v' | 'flow' | 'x0'), got none"
+        )
+    return strategy.space  # type: ignore[return-value]
+
+
+def _edm_x(x: Tensor, sigma: float, coords: Coords) -> Tensor:
+    """Native latents (VP or flow ``x_t``) -> EDM ``x`` at one sigma (at ``inf``: the limit, ``x`` itself)."""
+    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if math.isinf(sigma):
+        return x
+    return x * (math.sqrt(1.0 + sigma * sigma) if coords == "vp" else 1.0 + sigma)
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """The pipeline scheduler's timesteps and EDM sigmas, read once per call (floats, for cheap lookups)."""
+
+    timesteps: list[float]
+    sigmas: list[float]
+    tensor: Tensor
+    order: int
+    coords: Coords
+    two_stage: bool
+    """Whether the scheduler alternates predictor and corrector evaluations (Heun, KDPM2)."""
+
+    @classmethod
+    def read(cls, scheduler: Any, space: PredictionSpace | None) -> _Schedule:
+        sigmas = noise_schedule(scheduler)
+        return cls(
+            timesteps=scheduler.timesteps.double().cpu().tolist(),
+            sigmas=sigmas.tolist(),
+            tensor=sigmas.to(torch.float32),
+            order=int(getattr(scheduler, "order", 1)),
+            coords="flow" if space == "flow" or is_flow(scheduler) else "vp",
+            two_stage=hasattr(scheduler, "state_in_first_order"),
+        )

@@ -1,0 +1,183 @@
+"""Per-step overhead of the diffusers integration against the pipeline's own loop, on the tiny pipelines.
+
+    python benchmarks/bench_diffusers.py            # prints the table and writes docs/benchmarks.md
+    python benchmarks/bench_diffusers.py --no-write --steps 10 --rounds 5
+
+One thread. Each of the six tiny families (``guidekit.integrations.diffusers.tiny``) runs
+``--steps`` steps with ``output_type="latent"``, so VAE decoding is excluded and the loop is what is
+timed. Each call variant is timed in interleaved rounds, so a busy neighbour slows all of them alike.
+The reported time is the median thread CPU time over the rounds.
+
+* ``pipeline``: the pipeline's own CFG, ``pipe(guidance_scale=w)``.
+* ``generate``: ``generate(pipe, gk.CFG(w))`` with the pipeline's scheduler. The denoiser is
+  intercepted, the step is located in the schedule, a context is built, guidekit's CFG runs, and
+  ``[g; g]`` is returned.
+* ``sampler``: the same model driven by a guidekit sampler (``euler``, or ``flow-euler`` for flow
+  models) through ``guidekit.guided``, on the pipeline's noise schedule.
+* ``interval``: ``Interval(CFG(w))`` with the paper's band (0.28, 5.42], which skips the unconditional
+  half outside it. This row shows the NFE that the integration saves.
+
+The target is ``generate / pipeline <= 1.05`` for CFG. The tiny models make this a hard test: their
+forward takes milliseconds, so any fixed per-step cost of the integration shows up in the ratio. On
+real models the forward takes 10 to 1000 times longer and the ratio tends to 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import platform
+import re
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import guidekit as gk
+from guidekit.integrations import diffusers as gkd
+from guidekit.integrations.diffusers.tiny import TINY_FAMILIES, tiny_pipeline
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+SECTION = "## diffusers integration"
+SCALE = 4.0
+
+
+def median_cpu_times(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Median over ``rounds`` interleaved rounds of the thread CPU seconds of one call of each function."""
+    for fn in fns.values():
+        fn()  # warm up (first-call allocations, lazy imports)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.thread_time()
+            fn()
+            samples[name].append(time.thread_time() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def variants(family: str, steps: int) -> tuple[dict[str, Callable[[], Any]], dict[str, int]]:
+    """The call variants of one family, and the NFE per sample each one spends."""
+    pipe, kw = tiny_pipeline(family)
+    common = dict(kw, num_inference_steps=steps, output_type="latent")
+    sampler = "flow-euler" if gkd.prediction_space(pipe.scheduler) == "flow" else "euler"
+    interval = gk.Interval(gk.CFG(SCALE), 0.28, 5.42)
+    nfe: dict[str, int] = {}
+
+    def seed() -> torch.Generator:
+        return torch.Generator().manual_seed(0)
+
+    def run_generate(strategy: gk.GuidanceStrategy, name: str, **extra: Any) -> Callable[[], Any]:
+        def call() -> Any:
+            out, info = gkd.generate(pipe, strategy, **common, **extra, generator=seed(), return_info=True)
+            nfe[name] = info.nfe
+            return out
+
+        return call
+
+    fns = {
+        "pipeline": lambda: pipe(**common, guidance_scale=SCALE, generator=seed()),
+        "generate": run_generate(gk.CFG(SCALE), "generate"),
+        "sampler": run_generate(gk.CFG(SCALE), "sampler", sampler=sampler),
+        "interval": run_generate(interval, "interval"),
+    }
+    nfe["pipeline"] = 2 * steps
+    ref = fns["pipeline"]()[0]
+    diff = float((fns["generate"]()[0] - ref).abs().max())
+    if diff > 1e-5 * max(1.0, float(ref.abs().max())):
+        raise AssertionError(f"{family}: generate differs from the pipeline's CFG by {diff}")
+    return fns, nfe
+
+
+def null_overhead(family: str, steps: int, rounds: int) -> float:
+    """Seconds per step that ``generate`` adds to the pipeline's loop when the denoiser costs nothing.
+
+    Every denoiser forward is replaced by ``zeros_like(latent)``, so both loops time only their own work:
+    the pipeline's scheduler step and CFG combine, and the integration's interception, context, strategy
+    and ``[g; g]``. The difference is the integration's own per-step cost, independent of the model size.
+    """
+    pipe, kw = tiny_pipeline(family)
+    latent_arg = gkd.FAMILIES[gkd.family_of(pipe)[0]].latent_arg
+    for name in ("unet", "transformer"):
+        model = getattr(pipe, name, None)
+        if model is not None:
+            model.forward = lambda *a, **k: (torch.zeros_like(k[latent_arg] if latent_arg in k else a[0]),)
+    common = dict(kw, num_inference_steps=steps, output_type="latent")
+    times = median_cpu_times(
+        {
+            "pipeline": lambda: pipe(**common, guidance_scale=SCALE),
+            "generate": lambda: gkd.generate(pipe, gk.CFG(SCALE), **common),
+        },
+        rounds,
+    )
+    return (times["generate"] - times["pipeline"]) / steps
+
+
+def markdown(rows: list[tuple[str, dict[str, float], dict[str, int], float]], steps: int) -> str:
+    head = (
+        "| family | pipeline ms/step | generate ms/step | **generate / pipeline** | integration µs/step "
+        "(null denoiser) | guidekit sampler / pipeline | interval / pipeline (NFE) |\n"
+        "|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for family, t, nfe, null in rows:
+        base = t["pipeline"]
+        lines.append(
+            f"| {family} | {1e3 * base / steps:.2f} | {1e3 * t['generate'] / steps:.2f} "
+            f"| **{t['generate'] / base:.3f}** | {1e6 * null:.0f} "
+            f"| {t['sampler'] / base:.3f} | {t['interval'] / base:.3f} ({nfe['interval']} vs {nfe['pipeline']}) |"
+        )
+    return "\n".join(lines)
+
+
+def write_section(table: str, steps: int, rounds: int) -> None:
+    cpu = platform.processor() or platform.machine()
+    body = (
+        f"{SECTION}\n\n"
+        f"`python benchmarks/bench_diffusers.py` on {datetime.date.today().isoformat()}: torch {torch.__version__}, "
+        f"one CPU thread ({cpu}), the six tiny in-process pipelines, {steps} steps, latents (no VAE decode), "
+        f"median thread CPU time of {rounds} interleaved rounds. The CPU was shared with other jobs, so "
+        "absolute times are noisy. The ratios compare calls timed in the same rounds.\n\n"
+        "* *generate*: `generate(pipe, gk.CFG(4))` on the pipeline's scheduler, against the pipeline's own "
+        "CFG (`pipe(guidance_scale=4)`). Target: ratio <= 1.05. The outputs agree within 1e-5 of their "
+        "magnitude (checked in the run).\n"
+        "* *guidekit sampler*: the same model under `sampler='euler'` (`'flow-euler'` for flow models).\n"
+        "* *interval*: `Interval(CFG(4), 0.28, 5.42)`, which skips the unconditional half outside the band "
+        "(NFE per sample in brackets).\n\n"
+        f"{table}\n"
+    )
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: body + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
+    DOC.write_text(text.rstrip("\n") + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--families", nargs="*", default=list(TINY_FAMILIES), choices=TINY_FAMILIES)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    rows = []
+    for family in args.families:
+        fns, nfe = variants(family, args.steps)
+        times = median_cpu_times(fns, args.rounds)
+        rows.append((family, times, nfe, null_overhead(family, args.steps, args.rounds)))
+        print(f"{family}: done", flush=True)
+    table = markdown(rows, args.steps)
+    print(table)
+    if not args.no_write:
+        write_section(table, args.steps, args.rounds)
+        print(f"\nwrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()
