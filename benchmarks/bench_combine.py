@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import logging
 import platform
 import re
 import statistics
@@ -147,7 +146,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=21)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # "guiders are experimental" on every construction
     results = {shape: median_times(operations(shape), rounds=args.rounds) for shape in SHAPES}
     table = markdown(results)
     print(table)

@@ -320,7 +320,7 @@ def _snap_equal(a: Any, b: Any) -> bool:
 def _second_part(ex: Example) -> Example:
     """A different batch of the same shape, to concatenate with ``ex``."""
     c, u = make_pair(ex.pred_cond.shape, "independent", 99, dtype=ex.pred_cond.dtype)
-    sigma = torch.flip(ex.sigma, (0,)) * 1.7
+    sigma = torch.flip(ex.sigma, (0,)) * 1.7  # different noise levels: a batch that mixes them
     return dataclasses.replace(
         ex, pred_cond=c.to(ex.pred_cond.device), pred_uncond=u.to(ex.pred_cond.device), sigma=sigma
     )
@@ -413,7 +413,7 @@ def check_state_discipline(s: GuidanceStrategy, ex: Example) -> str | None:
     mutated in place, and replaying a run from ``init_state`` reproduces it exactly (G3)."""
     c, u = ex.pred_cond, ex.pred_uncond
     batch = c.shape[0]
-    schedule = torch.tensor([12.0, 4.0, 1.0, 0.3, 0.0])
+    schedule = torch.tensor([12.0, 4.0, 1.0, 0.3, 0.0], device=c.device)
 
     def run() -> list[Tensor] | str:
         state, outs = s.init_state(c), []
@@ -478,7 +478,8 @@ def check_needs_uncond(s: GuidanceStrategy, ex: Example) -> str | None:
     """Where ``needs_uncond`` is False the output must not depend on ``pred_uncond`` (the loop skips it)."""
     c, u = ex.pred_cond, ex.pred_uncond
     batch = c.shape[0]
-    contexts = [ex.context()] + [ex.context(sigma=torch.full((batch,), v)) for v in (0.01, 0.5, 3.0, 50.0)]
+    contexts = [ex.context()]
+    contexts += [ex.context(sigma=torch.full((batch,), v, device=c.device)) for v in (0.01, 0.5, 3.0, 50.0)]
     other = u * -2.0 + 3.0
     for ctx in contexts:
         if s.needs_uncond(ctx) and s.needs_uncond_state(ctx, s.init_state(c)):
@@ -593,8 +594,11 @@ def check_strategy(
     *,
     checks: Iterable[str] | None = None,
     examples: Iterable[Example] | None = None,
+    device: str | torch.device = "cpu",
 ) -> None:
     """Run the whole contract on ``strategy`` (an instance or a registered name).
+
+    ``examples`` default to :func:`fixed_examples` on ``device`` (e.g. ``"cuda"`` to check a GPU path).
 
     Raises:
         ContractError: listing every failed check with the first input it failed on. Checks the strategy
@@ -602,7 +606,7 @@ def check_strategy(
     """
     s = _resolve(strategy)
     exempt = _exemptions(s)
-    inputs = list(fixed_examples() if examples is None else examples)
+    inputs = list(fixed_examples(device) if examples is None else examples)
     names = [c for c in (CHECKS if checks is None else checks) if c not in exempt]
     failures = []
     for check in names:
