@@ -201,3 +201,15 @@ def test_call_counter_counts_rows_per_sample() -> None:
     assert model.calls == 2 and model.nfe(4) == 3.0 and model.seconds >= 0
     model.reset()
     assert model.rows == 0 and model.nfe(4) == 0.0
+
+
+@given(feature_sets(), st.integers(1, 3))
+def test_knn_with_precomputed_radii_is_the_same(sets: tuple[torch.Tensor, torch.Tensor], k: int) -> None:
+    a, b = sets
+    if len(b) <= k:
+        b = torch.cat([b, b + 1.0])
+    ref = Reference(a, torch.zeros(len(a), dtype=torch.long))
+    assert knn_precision_recall(a, b, k=k, real_radii=ref.radii(k)) == knn_precision_recall(a, b, k=k)
+    assert ref.radii(k) is ref.radii(k)  # cached
+    with pytest.raises(ShapeError, match="real_radii: expected"):
+        knn_precision_recall(a, b, k=k, real_radii=ref.radii(k)[1:])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import torch
@@ -10,8 +11,8 @@ from torch import Tensor
 
 from ..errors import ShapeError
 from .classify import class_accuracy, mean_class_probability
-from .frechet import frechet_distance, per_class_frechet_distance
-from .knn import knn_precision_recall
+from .frechet import feature_stats, frechet_distance_from_stats, per_class_frechet_distance
+from .knn import knn_precision_recall, knn_radii
 from .pixels import overshoot
 
 __all__ = ["FeatureClassifier", "Reference", "embed", "sample_metrics"]
@@ -25,10 +26,26 @@ class FeatureClassifier(Protocol):
 
 @dataclass(frozen=True)
 class Reference:
-    """Features ``(n, d)`` and labels ``(n,)`` of a real split, embedded once with :func:`embed`."""
+    """Features ``(n, d)`` and labels ``(n,)`` of a real split, embedded once with :func:`embed`.
+
+    Its Gaussian statistics and k-NN radii are computed on first use and kept, so comparing many sample
+    sets against one reference costs one pass over the reference.
+    """
 
     features: Tensor
     labels: Tensor
+
+    @cached_property
+    def stats(self) -> tuple[Tensor, Tensor]:
+        """Mean and covariance of the features (:func:`feature_stats`)."""
+        return feature_stats(self.features)
+
+    def radii(self, k: int) -> Tensor:
+        """k-NN radii of the features (:func:`knn_radii`), cached per ``k``."""
+        cache = self.__dict__.setdefault("_radii", {})
+        if k not in cache:
+            cache[k] = knn_radii(self.features.to(torch.float64), k)
+        return cache[k]
 
 
 def embed(classifier: FeatureClassifier, images: Tensor, batch_size: int = 1024) -> tuple[Tensor, Tensor]:
@@ -67,12 +84,13 @@ def sample_metrics(
     share, mean_excess = overshoot(samples)
     feats, logits = embed(classifier, samples.clamp(-1.0, 1.0))
     out = {"acc": class_accuracy(logits, labels), "p_y": mean_class_probability(logits, labels)}
+    own = feature_stats(feats)
     for name, ref in references.items():
-        out[f"fd_{name}"] = frechet_distance(feats, ref.features)
+        out[f"fd_{name}"] = frechet_distance_from_stats(*own, *ref.stats)
     ref = references[per_class_reference]
     per_class = per_class_frechet_distance(feats, labels, ref.features, ref.labels)
     out["cfd"] = sum(per_class.values()) / len(per_class) if per_class else float("nan")
     knn_ref = references[knn_reference]
-    out["precision"], out["recall"] = knn_precision_recall(knn_ref.features, feats, k=k)
+    out["precision"], out["recall"] = knn_precision_recall(knn_ref.features, feats, k=k, real_radii=knn_ref.radii(k))
     out["over_share"], out["over_mean"] = share, mean_excess
     return out

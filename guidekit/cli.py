@@ -1,0 +1,249 @@
+"""The ``guidekit`` command: ``demo``, ``compare``, ``list`` and ``train``.
+
+Errors a user can make (unknown names, bad parameters, unreadable spec files, output folders that cannot
+be written) end with a one-line message on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import GuidekitError
+
+__all__ = ["main", "parse_strategy"]
+
+DEFAULT_OUT = "guidekit-out"
+
+
+class CLIError(Exception):
+    """A user error: printed as ``guidekit: error: <message>``, exit code 2."""
+
+
+def parse_strategy(text: str) -> Any:
+    """A strategy from the command line: a JSON spec, ``name``, or ``name:key=value,key=value``.
+
+    Values are read as JSON when they parse (``scale=3``, ``inner={"name":"cfg"}``), else as strings.
+    """
+    from .config import build
+
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            spec: Any = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CLIError(
+                f'--strategy: expected a JSON spec {{"name": ..., "params": ...}}, got {text!r} ({exc})'
+            ) from None
+    else:
+        name, _, rest = text.partition(":")
+        params: dict[str, Any] = {}
+        for item in _split_params(rest):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise CLIError(f"--strategy: expected key=value after '{name}:', got {item!r} in {text!r}")
+            try:
+                params[key.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                params[key.strip()] = value
+        spec = {"name": name.strip(), "params": params}
+    return build(spec, where="strategy")
+
+
+def _split_params(text: str) -> list[str]:
+    """Split ``a=1,b={"x":1,"y":2}`` at the commas outside brackets and quotes."""
+    parts, depth, quote, current = [], 0, "", ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "{[(":
+            depth += 1
+        elif ch in "}])":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        current += ch
+    if current.strip():
+        parts.append(current)
+    return parts
+
+
+def _writable(folder: str) -> Path:
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".guidekit-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise CLIError(
+            f"--out: expected a folder that can be written, got {folder!r} ({exc.strerror or exc})"
+        ) from None
+    return path
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from .zoo.compare import Settings
+
+    return Settings(sampler=args.sampler, steps=args.steps, per_class=args.per_class, schedule=args.schedule)
+
+
+def _finish(comparison: Any, out: Path, quiet: bool) -> None:
+    from .zoo.report import format_table, write_outputs
+
+    paths = write_outputs(comparison, out)
+    table = format_table(comparison.summary(), [*comparison.bench.columns, "nfe", "seconds"])
+    (out / "metrics.txt").write_text(table + "\n")
+    if not quiet:
+        print(table)
+        print("\nwrote " + ", ".join(str(p) for p in [out / "metrics.txt", *paths.values()]))
+
+
+def _torch_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise CLIError(f"--threads: expected an integer >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+# -- commands ------------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Every registered strategy over a small sweep of strengths on the embedded digits model."""
+    from .zoo.compare import DigitsBench
+    from .zoo.report import Entry, run_comparison
+    from .zoo.sweeps import default_sweeps
+
+    out = _writable(args.out)
+    _torch_threads(args.threads)
+    settings = _settings(args)
+    sweeps, skipped = default_sweeps(args.only or None)
+    entries = [Entry(sw.name, f"{sw.param}={s:g}", sw.make(s)) for sw in sweeps for s in sw.strengths]
+    if not args.quiet:
+        print(f"guidekit demo: {len(entries)} settings of {len(sweeps)} strategies on the digits model, "
+              f"{settings.per_class * 10} samples each, {settings.sampler} {settings.steps} steps")  # fmt: skip
+        for name, why in skipped.items():
+            print(f"  skipped {name}: {why}")
+    comparison = run_comparison(DigitsBench(), entries, settings, args.seeds, progress=not args.quiet)
+    _finish(comparison, out, args.quiet)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """The strategies given on the command line or in spec files, side by side."""
+    from .config import build, load_spec
+    from .zoo.compare import DigitsBench, GMMBench
+    from .zoo.report import Entry, run_comparison
+
+    strategies = [parse_strategy(s) for s in args.strategy or []]
+    for path in args.spec or []:
+        strategies.append(build(load_spec(path), where=f"spec file {str(path)!r}"))
+    if not strategies:
+        raise CLIError("compare: expected at least one --strategy or --spec, got none")
+    out = _writable(args.out)
+    _torch_threads(args.threads)
+    settings = _settings(args)
+    bench = GMMBench() if args.model == "gmm" else DigitsBench()
+    entries = [Entry.of(s) for s in strategies]
+    comparison = run_comparison(bench, entries, settings, args.seeds, progress=not args.quiet)
+    _finish(comparison, out, args.quiet)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Registered components of every group, with where each comes from (code or a plugin)."""
+    from .registry import REGISTRIES
+
+    groups = [args.group] if args.group else list(REGISTRIES)
+    for group in groups:
+        registry = REGISTRIES[group]
+        names = registry.names()
+        print(f"{group} ({len(names)}):")
+        for name in names:
+            obj = registry.get(name)
+            where = registry.origin(name)
+            if where == "code" and hasattr(obj, "__qualname__"):
+                where = f"{obj.__module__}.{obj.__qualname__}"
+            summary = (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
+            print(f"  {name:20s} {where}")
+            if summary and args.verbose:
+                print(f"  {'':20s} {summary}")
+        for name, why in registry.broken.items():
+            print(f"  {name:20s} BROKEN plugin: {why}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Retrain the embedded digits models (``python -m guidekit.zoo.train``)."""
+    from .zoo.train import main as train_main
+
+    return train_main(args.train_args)
+
+
+# -- parser --------------------------------------------------------------------------------------------
+def _add_run_options(p: argparse.ArgumentParser, per_class: int, steps: int) -> None:
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
+    p.add_argument("--sampler", default="ddim", help="any registered sampler (guidekit list samplers); default ddim")
+    p.add_argument("--steps", type=int, default=steps, help=f"sampler steps (default {steps})")
+    p.add_argument("--schedule", default="trailing", help="noise schedule name (default trailing, as DDIM)")
+    p.add_argument("--per-class", type=int, default=per_class, help=f"samples per class (default {per_class})")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds, shared by all strategies")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no table on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guidekit", description="Compare diffusion guidance strategies.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,compare,list,train}")
+
+    demo = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
+    _add_run_options(demo, per_class=10, steps=16)
+    demo.add_argument("--only", nargs="+", metavar="NAME", help="only these registered strategies")
+    demo.set_defaults(func=cmd_demo)
+
+    compare = sub.add_parser("compare", help=cmd_compare.__doc__, description=cmd_compare.__doc__)
+    compare.add_argument(
+        "--strategy", "-s", action="append", metavar="SPEC",
+        help="'cfg:scale=3', 'samg:w_min=1,w_max=3' or a JSON spec '{\"name\": \"apg\", \"params\": {...}}'",
+    )  # fmt: skip
+    compare.add_argument("--spec", action="append", metavar="FILE", help="a JSON or TOML spec file (repeatable)")
+    compare.add_argument("--model", choices=["digits", "gmm"], default="digits", help="embedded model (default digits)")
+    _add_run_options(compare, per_class=20, steps=20)
+    compare.set_defaults(func=cmd_compare)
+
+    lister = sub.add_parser("list", help=cmd_list.__doc__, description=cmd_list.__doc__)
+    lister.add_argument("group", nargs="?", choices=["strategies", "energy", "transforms", "mappers", "samplers"])
+    lister.add_argument("-v", "--verbose", action="store_true", help="also print each one's summary line")
+    lister.set_defaults(func=cmd_list)
+
+    train = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__, add_help=False)
+    train.add_argument("train_args", nargs=argparse.REMAINDER)
+    train.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``guidekit`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (CLIError, GuidekitError) as exc:
+        print(f"guidekit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("guidekit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""Checkpoints of the embedded models: safetensors weights plus a JSON record beside them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+__all__ = ["CHECKPOINT_DIR", "read_record", "read_weights", "write_checkpoint"]
+
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+
+
+def _paths(name: str, directory: Path | str | None) -> tuple[Path, Path]:
+    base = Path(directory) if directory is not None else CHECKPOINT_DIR
+    return base / f"{name}.safetensors", base / f"{name}.json"
+
+
+def write_checkpoint(module: nn.Module, name: str, record: dict[str, Any], directory: Path | str | None = None) -> Path:
+    """Save weights as ``<name>.safetensors`` and ``record`` as ``<name>.json``; return the weights path."""
+    from safetensors.torch import save_file
+
+    weights, meta = _paths(name, directory)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(weights))
+    meta.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    return weights
+
+
+def read_record(name: str, directory: Path | str | None = None) -> dict[str, Any]:
+    """The JSON record of checkpoint ``name`` (training command, seed, split, measured figures)."""
+    _, meta = _paths(name, directory)
+    if not meta.exists():
+        raise FileNotFoundError(
+            f"checkpoint {name!r}: expected {meta}, which does not exist (retrain with `python -m guidekit.zoo.train`)"
+        )
+    return json.loads(meta.read_text())
+
+
+def read_weights(module: nn.Module, name: str, directory: Path | str | None = None) -> nn.Module:
+    """Load ``<name>.safetensors`` into ``module`` (strict) and return it in eval mode."""
+    from safetensors.torch import load_file
+
+    weights, _ = _paths(name, directory)
+    if not weights.exists():
+        raise FileNotFoundError(
+            f"checkpoint {name!r}: expected {weights}, which does not exist "
+            "(retrain with `python -m guidekit.zoo.train`)"
+        )
+    module.load_state_dict(load_file(str(weights)))
+    return module.eval().requires_grad_(False)
