@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import scipy.linalg
 import torch
@@ -13,9 +15,11 @@ from guidekit.metrics import (
     CallCounter,
     Reference,
     class_accuracy,
+    excess_over_frontier,
     feature_stats,
     frechet_distance,
     frechet_distance_from_stats,
+    frontier_at,
     knn_precision_recall,
     mean_class_probability,
     overshoot,
@@ -213,3 +217,26 @@ def test_knn_with_precomputed_radii_is_the_same(sets: tuple[torch.Tensor, torch.
     assert ref.radii(k) is ref.radii(k)  # cached
     with pytest.raises(ShapeError, match="real_radii: expected"):
         knn_precision_recall(a, b, k=k, real_radii=ref.radii(k)[1:])
+
+
+@given(
+    st.lists(st.floats(0.0, 1.0), min_size=2, max_size=8, unique=True),
+    st.floats(-5, 5),
+    st.floats(0, 10),
+    st.floats(0, 1),
+)
+def test_frontier_interpolates_a_linear_curve_exactly(xs: list[float], slope: float, offset: float, t: float) -> None:
+    xs = sorted(xs)
+    ys = [offset + slope * x for x in xs]
+    target = xs[0] + t * (xs[-1] - xs[0])
+    assert frontier_at(xs, ys, target) == pytest.approx(offset + slope * target, abs=1e-9)
+    for x, y in zip(xs, ys, strict=True):  # points of the frontier have no excess
+        assert excess_over_frontier(x, y, xs, ys) == pytest.approx(0.0, abs=1e-9)
+    assert excess_over_frontier(target, offset + slope * target + 1.5, xs, ys) == pytest.approx(1.5, abs=1e-9)
+
+
+def test_frontier_outside_its_range_is_nan_and_bad_input_is_refused() -> None:
+    assert math.isnan(frontier_at([0.9, 0.95, 0.99], [1.0, 2.0, 5.0], 0.995))
+    assert frontier_at([0.9, 0.95, 0.94, 0.99], [1.0, 2.0, 2.5, 5.0], 0.945) == pytest.approx(1.9)  # first crossing
+    with pytest.raises(ShapeError, match="expected two equally long non-empty sequences, got 2 and 1"):
+        frontier_at([0.1, 0.2], [1.0], 0.15)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from .classify import class_accuracy, mean_class_probability
 from .cost import CallCounter
 from .frechet import feature_stats, frechet_distance, frechet_distance_from_stats, per_class_frechet_distance
+from .frontier import excess_over_frontier, frontier_at
 from .knn import knn_precision_recall, knn_radii
 from .pixels import overshoot
 from .suite import FeatureClassifier, Reference, embed, sample_metrics
@@ -18,9 +19,11 @@ __all__ = [
     "Reference",
     "class_accuracy",
     "embed",
+    "excess_over_frontier",
     "feature_stats",
     "frechet_distance",
     "frechet_distance_from_stats",
+    "frontier_at",
     "knn_precision_recall",
     "knn_radii",
     "mean_class_probability",
