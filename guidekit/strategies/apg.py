@@ -45,7 +45,8 @@ class APG(GuidanceStrategy):
         ĝ       = c + (w - 1) · (Δ_orth + η · Δ_par)   # split against c, per sample
 
     Norms and projections run per sample over all non-batch dims (the paper's ``dim=[-1, -2, -3]`` would
-    give per-channel norms on 5D video). The reductions are float64 (:func:`guidekit.functional.apg`).
+    give per-channel norms on 5D video). The three reductions are BLAS dot products and the per-sample
+    coefficients are float64 (:func:`guidekit.functional.apg_from_delta`).
 
     **Paper vs diffusers.** diffusers' ``AdaptiveProjectedGuidance`` returns ``u + w · update`` with
     defaults ``eta=1``, no momentum; we follow the paper, ``c + (w - 1) · update``, with its SDXL defaults
@@ -55,7 +56,8 @@ class APG(GuidanceStrategy):
     **State.** With ``momentum != 0`` the buffer is explicit state (:meth:`init_state`, :meth:`step`),
     advanced once per sampler step (``ctx.substep == 0``); a corrector evaluation combines its own ``Δ``
     with the buffer the step started from and leaves the state unchanged. A stateless call
-    (``apg(c, u, ctx)``) starts from a fresh buffer, which equals APG without momentum.
+    (``APG()(c, u, ctx)``) starts from a fresh buffer, which equals APG without momentum. At ``scale=1``
+    the result is ``pred_cond``, no unconditional pass is needed, and the state passes through.
 
     **Resolution.** ``||Δ||`` grows like ``sqrt(numel)``; the threshold is *not* rescaled automatically.
     For other resolutions or video use :meth:`threshold_for` (``r·sqrt(numel / numel_ref)``).
