@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -69,8 +70,13 @@ def ramp_scale(mean_scale: float, progress: float, shape: RampShape = "linear", 
 
 
 def trailing_timestep(step: int, num_steps: int, num_train_timesteps: int = 1000) -> int:
-    """The integer timestep of step ``step`` under diffusers' ``timestep_spacing="trailing"``."""
-    return round(num_train_timesteps - step * num_train_timesteps / num_steps) - 1
+    """The integer timestep of step ``step`` under diffusers' ``timestep_spacing="trailing"``.
+
+    Computed exactly as diffusers does, ``round(arange(T, 0, -T / N)) - 1`` in numpy (numpy's ``arange``
+    rounding decides the ties, e.g. step 3 of 48 is 936, not 937).
+    """
+    grid = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)).astype(np.int64) - 1
+    return int(grid[step])
 
 
 def cogvideox_dynamic_scale(scale: float, position: float, exponent: float = 5.0) -> float:

@@ -160,6 +160,15 @@ def test_dynamic_cfg_reproduces_the_cogvideox_pipeline(n, w):
         assert float(dynamic.scale_at(ctx(step=i, num_steps=n))[0]) == pytest.approx(expected, rel=1e-12)
 
 
+def test_trailing_timesteps_match_diffusers_for_every_step_count():
+    from diffusers import CogVideoXDDIMScheduler
+
+    scheduler = CogVideoXDDIMScheduler(timestep_spacing="trailing")
+    for n in range(1, 151):
+        scheduler.set_timesteps(n)
+        assert [trailing_timestep(i, n) for i in range(n)] == scheduler.timesteps.tolist()
+
+
 @given(st.integers(2, 100), st.floats(0.0, 12.0), st.floats(1.0, 8.0))
 def test_dynamic_cfg_step_reading_rises_from_one_to_one_plus_w(n, w, exponent):
     dynamic = gk.DynamicCFG(gk.CFG(w), exponent=exponent, position="step")

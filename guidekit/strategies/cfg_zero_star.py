@@ -30,8 +30,10 @@ class CFGZeroStar(GuidanceStrategy):
     computes the same rule (tested equal); its first version (commit 05d74ef3) shifted by the unscaled
     ``u``, ``s*·u + w (c - u)``, kept here as ``scaled_shift=False``.
 
-    Zero output means zero in the native space (``v = 0``, ``eps = 0``); for an x0 (EDM denoiser) model it
-    is ``x0 = x``, the same "no move" (needs ``ctx.x``).
+    Zero-init is defined for flow models, the paper's setting (its title: "... for Flow Matching Models"):
+    ``v = 0`` keeps the flow sample ``x_t`` where it is. On any other prediction space a zero-init step
+    raises :class:`~guidekit.errors.ConfigError`: a zero ε leaves the sample at the previous, much higher
+    noise level (on the digits model, DDIM 20: accuracy 0.13 instead of 1.0); use ``zero_init_steps=0``.
 
     Args:
         scale: guidance weight ``w``; 1 gives ``c``.
@@ -68,17 +70,15 @@ class CFGZeroStar(GuidanceStrategy):
     def needs_uncond(self, ctx: GuidanceContext) -> bool:
         return self.scale != 1.0 and not self.skips_model(ctx)
 
-    def zero_prediction(self, like: Tensor, ctx: GuidanceContext) -> Tensor:
-        """The "no move" prediction in ``ctx.space``: zeros, or ``ctx.x`` for x0 predictions."""
-        if ctx.space != "x0":
-            return torch.zeros_like(like)
-        if ctx.x is None:
-            raise ConfigError("ctx.x: expected the current sample for a zero-init step on x0 predictions, got None")
-        return ctx.x.to(like.dtype).expand_as(like).clone()
-
     def combine(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor:
         if self.skips_model(ctx):
-            return self.zero_prediction(pred_cond, ctx)
+            if ctx.space != "flow":
+                raise ConfigError(
+                    f"zero_init_steps: expected 0 for {ctx.space!r} predictions (zero-init zeroes a flow velocity, "
+                    f"which keeps x_t; a zero {ctx.space} would leave the sample at the old noise level), "
+                    f"got {self.zero_init_steps}"
+                )
+            return torch.zeros_like(pred_cond)  # v = 0: the flow sample does not move
         if self.scale == 1.0:
             return pred_cond
         return cfg_zero_star(pred_cond, pred_uncond, self.scale, self.scaled_shift)
