@@ -93,12 +93,13 @@ def variants(family: str, steps: int) -> tuple[dict[str, Callable[[], Any]], dic
     return fns, nfe
 
 
-def null_overhead(family: str, steps: int, rounds: int) -> float:
+def null_overhead(family: str, steps: int, rounds: int) -> dict[str, float]:
     """Seconds per step that ``generate`` adds to the pipeline's loop when the denoiser costs nothing.
 
     Every denoiser forward is replaced by ``zeros_like(latent)``, so both loops time only their own work:
     the pipeline's scheduler step and CFG combine, and the integration's interception, context, strategy
-    and ``[g; g]``. The difference is the integration's own per-step cost, independent of the model size.
+    and ``[g; g]`` (``generate``), or the guidekit loop over the pipeline's call (``sampler``). The
+    differences are the integration's own per-step costs, independent of the model size.
     """
     pipe, kw = tiny_pipeline(family)
     latent_arg = gkd.FAMILIES[gkd.family_of(pipe)[0]].latent_arg
@@ -107,29 +108,31 @@ def null_overhead(family: str, steps: int, rounds: int) -> float:
         if model is not None:
             model.forward = lambda *a, **k: (torch.zeros_like(k[latent_arg] if latent_arg in k else a[0]),)
     common = dict(kw, num_inference_steps=steps, output_type="latent")
+    sampler = "flow-euler" if gkd.prediction_space(pipe.scheduler) == "flow" else "euler"
     times = median_cpu_times(
         {
             "pipeline": lambda: pipe(**common, guidance_scale=SCALE),
             "generate": lambda: gkd.generate(pipe, gk.CFG(SCALE), **common),
+            "sampler": lambda: gkd.generate(pipe, gk.CFG(SCALE), sampler=sampler, **common),
         },
         rounds,
     )
-    return (times["generate"] - times["pipeline"]) / steps
+    return {k: (times[k] - times["pipeline"]) / steps for k in ("generate", "sampler")}
 
 
-def markdown(rows: list[tuple[str, dict[str, float], dict[str, int], float]], steps: int) -> str:
+def markdown(rows: list[tuple[str, dict[str, float], dict[str, int], dict[str, float]]], steps: int) -> str:
     head = (
-        "| family | pipeline ms/step | generate ms/step | **generate / pipeline** | integration µs/step "
-        "(null denoiser) | guidekit sampler / pipeline | interval / pipeline (NFE) |\n"
-        "|---|---|---|---|---|---|---|"
+        "| family | pipeline ms/step | generate ms/step | **generate / pipeline** | generate µs/step (null "
+        "denoiser) | guidekit sampler / pipeline | sampler µs/step (null) | interval / pipeline (NFE) |\n"
+        "|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for family, t, nfe, null in rows:
         base = t["pipeline"]
         lines.append(
             f"| {family} | {1e3 * base / steps:.2f} | {1e3 * t['generate'] / steps:.2f} "
-            f"| **{t['generate'] / base:.3f}** | {1e6 * null:.0f} "
-            f"| {t['sampler'] / base:.3f} | {t['interval'] / base:.3f} ({nfe['interval']} vs {nfe['pipeline']}) |"
+            f"| **{t['generate'] / base:.3f}** | {1e6 * null['generate']:.0f} | {t['sampler'] / base:.3f} "
+            f"| {1e6 * null['sampler']:.0f} | {t['interval'] / base:.3f} ({nfe['interval']} vs {nfe['pipeline']}) |"
         )
     return "\n".join(lines)
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from ...context import GuidanceContext, PredictionSpace
 from ...errors import ConfigError, GuidekitError, ShapeError
 from ...guided import guided
-from ...layout import from_canonical, to_canonical
+from ...layout import canonical_layout, check_layout, from_canonical, parse_layout, to_canonical
 from ...samplers.conversions import convert, edm_x_from, x_for_space
 from ...strategies.base import GuidanceStrategy
 from .calls import Call, pack, zip_cat
@@ -80,6 +80,7 @@ class GuidedRun:
         self._skips = getattr(strategy, "skips_model", None)
         self._renoise = getattr(strategy, "renoise_prediction", None)
         self._schedule: _Schedule | None = None
+        self._is_canonical = canonical_layout(family.layout) == " ".join(parse_layout(family.layout))
         self._cursor = 0
         self._step = -1
         self._state: Any = _UNSET
@@ -123,11 +124,12 @@ class GuidedRun:
         """One evaluation inside the pipeline's own loop: locate it in the schedule, guide, return ``g``."""
         if self._schedule is None:
             self._schedule = _Schedule.read(self.scheduler, self.space)
+            check_layout(call.latent(), self.family.layout, "denoiser latent")
         i = self._locate(float(call.timestep().flatten()[0]))
         substep = 0 if not self._schedule.two_stage or self.scheduler.state_in_first_order else 1
         self._step += substep == 0
         layout, latent = self.family.layout, call.latent()[call.cond]
-        x = to_canonical(latent, layout)
+        x = self._canonical(latent)
         ctx = self._context(x, i, substep)
         state = self._state_for(substep, x)
         if self._skips is not None and self._skips(ctx):
@@ -145,10 +147,14 @@ class GuidedRun:
             )
         self.info.nfe += nfe
         self.info._log(self._step, self._schedule.sigmas[i], used_uncond)
-        guided, state = self._guide(to_canonical(cond, layout), to_canonical(uncond, layout), ctx, x)
+        guided, state = self._guide(self._canonical(cond), self._canonical(uncond), ctx, x)
         if substep == 0:
             self._state = state
-        return from_canonical(guided, layout).to(cond.dtype)
+        guided = guided if self._is_canonical else from_canonical(guided, layout)
+        return guided.to(cond.dtype)
+
+    def _canonical(self, t: Tensor) -> Tensor:
+        return t if self._is_canonical else to_canonical(t, self.family.layout)
 
     def _context(self, x: Tensor, i: int, substep: int) -> GuidanceContext:
         """The context of evaluation ``i`` of the schedule, for canonical latents ``x``."""

@@ -25,10 +25,12 @@ class _ScheduleTime:
     timesteps: Tensor
 
     def model_time(self, sigma: Tensor) -> Tensor:
-        t = super().model_time(sigma)  # type: ignore[misc]
         match = self.points.to(sigma.device, sigma.dtype)[None, :] == sigma[:, None]
-        exact = self.timesteps.to(t.device, t.dtype)[match.to(torch.uint8).argmax(dim=1)]
-        return torch.where(match.any(dim=1), exact, t)
+        found = match.any(dim=1)
+        exact = self.timesteps.to(sigma.device)[match.to(torch.uint8).argmax(dim=1)]
+        if bool(found.all()):  # the usual case: every evaluation sits on the schedule
+            return exact
+        return torch.where(found, exact, super().model_time(sigma).to(exact))  # type: ignore[misc]
 
 
 class _PipelineVPModel(_ScheduleTime, VPModel):
