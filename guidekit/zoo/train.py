@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out sampling figures")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    command = "python -m guidekit.zoo.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python -m guidekit.zoo.train", *(sys.argv[1:] if argv is None else argv)])
     data = load_digits()
 
     clf_recipe = ClassifierRecipe(epochs=args.classifier_epochs, seed=args.seed)
