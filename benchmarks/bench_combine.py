@@ -4,7 +4,8 @@
     python benchmarks/bench_combine.py --no-write
 
 One thread. For each shape every operation is timed in interleaved rounds (so a busy neighbour slows all
-of them alike); each round averages several calls and the reported time is the median over rounds.
+of them alike); each round averages several calls of the thread's CPU time (``time.thread_time``: time
+spent descheduled by other jobs does not count) and the reported time is the median over rounds.
 Inputs are float32 ``(2, 4, 128, 128)`` (an SDXL 1024² latent pair) and ``(1, 16, 13, 60, 90)`` (a
 CogVideoX-sized video latent in canonical layout).
 
@@ -39,20 +40,20 @@ TARGETS = {"CFG / copy": 2.0, "APG / diffusers APG": 0.5, "SAMG / CFG": 3.0}
 
 
 def median_times(fns: dict[str, Callable[[], object]], rounds: int = 21, budget_s: float = 0.01) -> dict[str, float]:
-    """Median over ``rounds`` interleaved rounds of the mean seconds per call of each function."""
+    """Median over ``rounds`` interleaved rounds of the mean thread CPU seconds per call of each function."""
     numbers = {}
     for name, fn in fns.items():  # warm up, then size each round to about ``budget_s``
         fn()
-        start = time.perf_counter()
+        start = time.thread_time()
         fn()
-        numbers[name] = max(1, int(budget_s / max(time.perf_counter() - start, 1e-7)))
+        numbers[name] = max(1, int(budget_s / max(time.thread_time() - start, 1e-7)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = time.thread_time()
             for _ in range(numbers[name]):
                 fn()
-            samples[name].append((time.perf_counter() - start) / numbers[name])
+            samples[name].append((time.thread_time() - start) / numbers[name])
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -119,14 +120,14 @@ def markdown(results: dict[tuple[int, ...], dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def write_section(table: str) -> None:
+def write_section(table: str, rounds: int) -> None:
     cpu = platform.processor() or platform.machine()
     body = (
         f"{SECTION}\n\n"
         f"`python benchmarks/bench_combine.py` on {datetime.date.today().isoformat()}: torch {torch.__version__}, "
-        f"one CPU thread ({cpu}), float32, median of 21 interleaved rounds. The CPU was shared with other "
-        "jobs, so absolute times are noisy; the ratios are what the benchmark is for (each ratio compares "
-        "operations timed in the same rounds).\n\n"
+        f"one CPU thread ({cpu}), float32, median thread CPU time of {rounds} interleaved rounds. The CPU (2 cores, "
+        "32 MiB L3) was shared with other jobs, so absolute times are noisy; the ratios are what the benchmark "
+        "is for (each compares operations timed in the same rounds).\n\n"
         "* *bare* rows time `strategy.combine` / `combine_step` (the math); *(step)* rows time `strategy.step`, "
         "which adds the input checks and a finite check of the output.\n"
         "* APG: paper form, w = 15, η = 0, r = 15, momentum −0.5 with its state; diffusers' guider in the "
@@ -153,7 +154,7 @@ def main() -> None:
     table = markdown(results)
     print(table)
     if not args.no_write:
-        write_section(table)
+        write_section(table, args.rounds)
         print(f"\nwrote {DOC}")
 
 

@@ -6,6 +6,8 @@ run over all non-batch dims; low-precision inputs are computed in float32 and ca
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -91,11 +93,6 @@ def _flat64(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).to(torch.float64)
 
 
-def _per_sample(v: Tensor, like: Tensor, dtype: torch.dtype) -> Tensor:
-    """A ``(b,)`` float64 coefficient as ``dtype``, broadcastable against ``like``."""
-    return v.to(dtype).reshape(v.shape[0], *([1] * (like.ndim - 1)))
-
-
 def project(x: Tensor, onto: Tensor) -> tuple[Tensor, Tensor]:
     """Split ``x`` into its parts parallel and orthogonal to ``onto``, per sample.
 
@@ -126,15 +123,14 @@ def momentum_update(delta: Tensor, running: Tensor, momentum: float, *, inplace:
     return torch.add(delta, running, alpha=momentum)
 
 
-def _dots(a: Tensor, b: Tensor) -> Tensor:
-    """``<a, b>`` per sample over all non-batch dims as float64, shape ``(b,)``.
-
-    One BLAS dot per sample in the inputs' precision: no temporary tensor, and on float32 an error of a
-    few 1e-9 relative to ``sum |a_i b_i|`` (measured at 1.1M elements), far below what the APG
-    coefficients need; materialising float64 copies of video-sized tensors costs 10-20x more on CPU.
-    """
-    rows_a, rows_b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    return torch.stack([torch.dot(x, y) for x, y in zip(rows_a, rows_b, strict=True)]).to(torch.float64)
+def _apg_coefficients(
+    cc: float, dc: float, dd: float, scale: float, eta: float, threshold: float
+) -> tuple[float, float]:
+    """``(a, b)`` with ``ĝ = a·c + b·Δ`` for one sample, from ``||c||², <Δ, c>, ||Δ||²`` (float64 scalars)."""
+    k = dc / cc if cc > 0 else 0.0  # Δ_par = k·c; a zero c has no parallel part
+    s = threshold / math.sqrt(dd) if threshold > 0 and dd > threshold * threshold else 1.0
+    b = (scale - 1.0) * s
+    return 1.0 - b * (1.0 - eta) * k, b
 
 
 def apg_from_delta(
@@ -143,27 +139,32 @@ def apg_from_delta(
     """APG's guided prediction from a given update direction ``delta`` (Sadat et al. 2025, Algorithm 1).
 
     ``ĝ = c + (w - 1)(Δ_orth + η Δ_par)``, where ``Δ`` is first shrunk to norm at most ``norm_threshold``
-    (the paper's rescaling; ``0`` disables it) and split by :func:`project` against ``c``. Use ``delta = c - u`` for
-    plain APG, or the momentum-averaged direction (:func:`momentum_update`).
+    (the paper's rescaling; ``0`` disables it) and split by :func:`project` against ``c``. Use
+    ``delta = c - u`` for plain APG, or the momentum-averaged direction (:func:`momentum_update`).
 
     All of it is one per-sample linear combination: with ``s = min(1, r / ||Δ||)`` and
-    ``k = <Δ, c> / ||c||²``, ``ĝ = (1 - (w-1) s (1-η) k) c + (w-1) s Δ``. The three reductions
-    ``||c||², <Δ, c>, ||Δ||²`` are BLAS dots, the coefficients are computed in float64, and the output is
-    one multiply-add pass in the working precision (float32 for half inputs), cast back to
-    ``pred_cond.dtype``.
+    ``k = <Δ, c> / ||c||²``, ``ĝ = (1 - (w-1) s (1-η) k) c + (w-1) s Δ``. The reductions
+    ``||c||², <Δ, c>, ||Δ||²`` are one BLAS dot per sample in the working precision (no temporaries; on
+    float32 a few 1e-9 relative to ``sum |c_i Δ_i|``, measured at 1.1M elements, while float64 copies of a
+    video latent cost 10-20x more on CPU). The coefficients are float64 and the output is one
+    multiply-add pass in the working precision (float32 for half inputs), cast back to ``pred_cond.dtype``.
     """
     c = upcast(pred_cond)
     d = delta.to(c.dtype)
-    cc, dc = _dots(c, c), _dots(d, c)
-    k = torch.where(cc > 0, dc / cc.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
-    s = torch.ones_like(cc)
+    batch = c.shape[0]
+    rows_c, rows_d = c.reshape(batch, -1), d.reshape(batch, -1)
+    dots = [torch.dot(x, x) for x in rows_c] + [torch.dot(y, x) for x, y in zip(rows_c, rows_d, strict=True)]
     if norm_threshold > 0:
-        dd = _dots(d, d)
-        s = torch.where(dd > norm_threshold**2, norm_threshold / dd.sqrt(), 1.0)
-    b = (scale - 1.0) * s
-    a = 1.0 - b * (1.0 - eta) * k
-    out = torch.mul(c, _per_sample(a, c, c.dtype)).addcmul_(d, _per_sample(b, c, c.dtype))
-    return out.to(pred_cond.dtype)
+        dots += [torch.dot(y, y) for y in rows_d]
+    values = torch.stack(dots).tolist()  # one transfer; Python floats are float64
+    norms_d = values[2 * batch :] or [0.0] * batch
+    pairs = [
+        _apg_coefficients(values[i], values[batch + i], norms_d[i], scale, eta, norm_threshold) for i in range(batch)
+    ]
+    shape = (batch,) + (1,) * (c.ndim - 1)
+    a = torch.tensor([p[0] for p in pairs], dtype=c.dtype, device=c.device).reshape(shape)
+    b = torch.tensor([p[1] for p in pairs], dtype=c.dtype, device=c.device).reshape(shape)
+    return torch.mul(c, a).addcmul_(d, b).to(pred_cond.dtype)
 
 
 def apg(pred_cond: Tensor, pred_uncond: Tensor, scale: float, eta: float = 0.0, norm_threshold: float = 0.0) -> Tensor:
