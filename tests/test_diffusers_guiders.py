@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import guidekit as gk
-from guidekit.functional import project, rescale_std
+from guidekit.functional import cfg, project, rescale_std
 from guidekit.testing import make_pair
 
 guiders = pytest.importorskip("diffusers.guiders")
@@ -66,8 +66,13 @@ def test_cfg_equals_diffusers_classifier_free_guidance(ex, w):
 def test_rescale_equals_diffusers_guidance_rescale(ex, w, phi):
     c, u = ex.pred_cond, ex.pred_uncond
     theirs = their_cfg(c, u, w, rescale=phi)
-    if bool(torch.isfinite(theirs).all()):  # diffusers divides by a zero std on constant samples (NaN)
-        assert close(gk.Rescale(gk.CFG(w), phi)(c, u, ex.context()), theirs, 1e-9)
+    ours = gk.Rescale(gk.CFG(w), phi)(c, u, ex.context())
+    # a constant guided sample has std 0 (diffusers: NaN) or a rounding-level std (diffusers: rescaled to
+    # std(c)); we leave such samples unchanged (docs/math.md). Compare the others.
+    guided = cfg(c, u, w).flatten(1)
+    varied = guided.std(dim=1) > 1e-12 * guided.abs().amax(dim=1)
+    if bool(varied.any()):
+        assert close(ours[varied], theirs[varied], 1e-9)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -136,7 +141,12 @@ def test_diffusers_apg_defaults_are_not_the_papers():
 
 
 @settings(max_examples=40)
-@given(num_steps=st.integers(1, 50), start_stop=st.tuples(st.floats(0, 1), st.floats(0, 1)).map(sorted))
+@given(
+    num_steps=st.integers(1, 50),
+    start_stop=st.tuples(st.floats(0, 1), st.floats(0, 1))
+    .map(sorted)
+    .filter(lambda s: s[0] < 1),  # diffusers: start < 1
+)
 def test_from_fractions_guides_the_steps_of_diffusers_start_stop_window(num_steps, start_stop):
     start, stop = start_stop
     g = guiders.ClassifierFreeGuidance(guidance_scale=5.0, start=start, stop=stop)
