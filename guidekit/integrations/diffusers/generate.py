@@ -50,7 +50,7 @@ def _check_call(family: Family, kwargs: dict[str, Any]) -> None:
             f"got guidance_scale={scale!r} for the pipeline"
         )
     for name, instead in family.refused:
-        if kwargs.get(name) not in (None, 0, 0.0, False):
+        if kwargs.get(name):  # None, 0, False and [] leave the pipeline unguided by it
             raise ConfigError(f"{name}: expected it unset with a guidekit strategy ({instead}), got {kwargs[name]!r}")
     for cond_name, uncond_name in (
         ("prompt_embeds", "negative_prompt_embeds"),
