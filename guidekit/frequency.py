@@ -27,26 +27,48 @@ from .functional import upcast
 
 __all__ = ["fdg", "laplacian_pyramid", "reconstruct_pyramid"]
 
-_BINOMIAL = (1.0, 4.0, 6.0, 4.0, 1.0)
+
+def _binomial(x: Tensor, dim: int) -> Tensor:
+    """``[1 4 6 4 1] / 16`` along ``dim`` (-1 or -2) of ``(n, c, h, w)``: reflect border, replicate below 3.
+
+    Written as shifted slices (a few fused passes), several times faster on CPU than a 1x5 ``conv2d``.
+    """
+    size = x.shape[dim]
+    pad = (2, 2, 0, 0) if dim == -1 else (0, 0, 2, 2)
+    p = F.pad(x, pad, mode="reflect" if size >= 3 else "replicate")
+    s = [p.narrow(dim, i, size) for i in range(5)]
+    return torch.add(s[1], s[3]).mul_(4.0).add_(s[2], alpha=6.0).add_(s[0]).add_(s[4]).mul_(1.0 / 16.0)
 
 
 def _blur(x: Tensor) -> Tensor:
-    """Separable 5x5 binomial blur of ``(n, c, h, w)``, same size; reflect border (replicate below 3)."""
-    n, c, h, w = x.shape
-    k = torch.tensor(_BINOMIAL, dtype=x.dtype, device=x.device) / 16.0
-    y = F.pad(x.reshape(n * c, 1, h, w), (2, 2, 0, 0), mode="reflect" if w >= 3 else "replicate")
-    y = F.conv2d(y, k.view(1, 1, 1, 5))
-    y = F.pad(y, (0, 0, 2, 2), mode="reflect" if h >= 3 else "replicate")
-    return F.conv2d(y, k.view(1, 1, 5, 1)).reshape(n, c, h, w)
+    """The separable 5x5 binomial blur of ``(n, c, h, w)`` (kornia's ``_get_pyramid_gaussian_kernel``)."""
+    return _binomial(_binomial(x, -1), -2)
 
 
 def _down(x: Tensor) -> Tensor:
+    """Blur, then bilinear to half size.
+
+    For even sides, bilinear halving is a 2x2 mean, and blur-then-mean is one stride-2 filter
+    ``[1 5 10 10 5 1] / 32`` per axis on the reflect-padded input: a quarter of the work of blurring first.
+    """
     h, w = x.shape[-2:]
-    size = (max(h // 2, 1), max(w // 2, 1))
-    return F.interpolate(_blur(x), size=size, mode="bilinear", align_corners=False)
+    if h % 2 or w % 2 or min(h, w) < 3:
+        return F.interpolate(_blur(x), size=(max(h // 2, 1), max(w // 2, 1)), mode="bilinear", align_corners=False)
+    return _halve(_halve(x, -1), -2)
+
+
+def _halve(x: Tensor, dim: int) -> Tensor:
+    """``[1 5 10 10 5 1] / 32`` at stride 2 along ``dim`` of the reflect-padded ``x`` (even side >= 4)."""
+    half = x.shape[dim] // 2
+    p = F.pad(x, (2, 2, 0, 0) if dim == -1 else (0, 0, 2, 2), mode="reflect")
+    taps = [slice(i, i + 2 * half - 1, 2) for i in range(6)]  # tap i of output j reads p[2j + i]
+    s = [p[..., t] if dim == -1 else p[..., t, :] for t in taps]
+    out = torch.add(s[2], s[3]).mul_(10.0)
+    return out.add_(torch.add(s[1], s[4]), alpha=5.0).add_(s[0]).add_(s[5]).mul_(1.0 / 32.0)
 
 
 def _up(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear up to ``size`` (align_corners=False), then blur."""
     return _blur(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
 
 
@@ -121,17 +143,38 @@ def fdg(
     """
     c = _as_images(upcast(pred_cond))
     u = _as_images(upcast(pred_uncond))
-    levels = len(scales)
-    delta = laplacian_pyramid(c - u, levels)
-    if parallel_weights is None or all(b == 1.0 for b in parallel_weights):
-        terms = [(w - 1.0) * d for w, d in zip(scales, delta, strict=True)]
+    delta = c - u
+    if parallel_weights is None or all(b == 1.0 or w == 1.0 for w, b in zip(scales, parallel_weights, strict=True)):
+        out = _fdg_plain(c, delta, scales)
     else:
-        cond = laplacian_pyramid(c, levels)
+        levels = len(scales)
+        bands = zip(laplacian_pyramid(delta, levels), laplacian_pyramid(c, levels), strict=True)
         terms = []
-        for w, beta, d, ck in zip(scales, parallel_weights, delta, cond, strict=True):
-            if w == 1.0 or beta == 1.0:  # a level at scale 1 is c_k (diffusers skips it)
+        for w, beta, (d, ck) in zip(scales, parallel_weights, bands, strict=True):
+            if w == 1.0 or beta == 1.0:  # a level at scale 1 is c_k (diffusers skips such a level)
                 terms.append((w - 1.0) * d)
             else:
                 terms.append(w * (d + (beta - 1.0) * _project_parallel(d, ck)) - d)
-    out = c + reconstruct_pyramid(terms)
+        out = c + reconstruct_pyramid(terms)
     return _from_images(out, pred_cond).to(pred_cond.dtype)
+
+
+def _fdg_plain(c: Tensor, delta: Tensor, scales: Sequence[float]) -> Tensor:
+    """``c + R([(w_k - 1) Δ_k])`` without building the bands.
+
+    With ``Δ_k = G_k - up(G_{k+1})`` (``G`` the Gaussian levels of ``Δ``) the reconstruction telescopes:
+    ``R = (w_0 - 1) Δ + Σ_{k≥1} (w_k - w_{k-1}) up^k(G_k)``, accumulated coarse to fine. Equal scales need
+    no pyramid at all; two levels cost one blur-and-halve and one double-and-blur.
+    """
+    gaussian = [delta]
+    for _ in range(len(scales) - 1):
+        gaussian.append(_down(gaussian[-1]))
+    acc: Tensor | None = None  # Σ_{j≥k} (w_j - w_{j-1}) up^{j-k}(G_j), at level k
+    for k in range(len(scales) - 1, 0, -1):
+        step = scales[k] - scales[k - 1]
+        if acc is not None:
+            acc = _up(acc, tuple(gaussian[k].shape[-2:]))
+        if step != 0.0:
+            acc = step * gaussian[k] if acc is None else acc.add_(gaussian[k], alpha=step)
+    out = torch.add(c, delta, alpha=scales[0] - 1.0)
+    return out if acc is None else out.add_(_up(acc, tuple(delta.shape[-2:])))

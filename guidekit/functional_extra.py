@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .functional import cfg, per_sample_dot, upcast
-from .layout import append_dims
+from .functional import upcast
 
 __all__ = [
     "adg",
@@ -43,15 +42,41 @@ def cfgpp_weight(lam: float, sigma: Tensor, sigma_next: Tensor) -> Tensor:
     return lam / (1.0 - ratio)
 
 
+def _gram(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(⟨a, a⟩, ⟨a, b⟩, ⟨b, b⟩)`` per sample as ``(b,)`` float64: one BLAS dot per sample and product.
+
+    The dots run in the inputs' precision (float32 for float32 and half inputs) and need no temporary
+    tensor; on float32 their error is a few 1e-9 relative to ``Σ |a_i b_i|``. Copying video-sized
+    tensors to float64 first costs 10-20x more on CPU (see ``guidekit.functional.apg_from_delta``).
+    """
+    rows_a, rows_b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    dots = [(torch.dot(x, x), torch.dot(x, y), torch.dot(y, y)) for x, y in zip(rows_a, rows_b, strict=True)]
+    aa, ab, bb = (torch.stack(list(column)).to(torch.float64) for column in zip(*dots, strict=True))
+    return aa, ab, bb
+
+
+def _per_sample(v: Tensor, like: Tensor) -> Tensor:
+    """A ``(b,)`` coefficient in ``like``'s dtype, broadcastable against it."""
+    return v.to(like.dtype).reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def _away(c: Tensor, b: Tensor, k: Tensor) -> Tensor:
+    """``c - k·b`` with a per-sample ``(b,)`` ``k``, one fused pass (exactly 0 where ``k·b == c``)."""
+    return torch.addcmul(c, b, _per_sample(k, c), value=-1.0)
+
+
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` where ``den > 0``, else 0."""
+    return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
+
+
 def per_sample_cosine(a: Tensor, b: Tensor) -> Tensor:
     """Cosine similarity per sample over all non-batch dims, ``(b,)`` float64, clamped to ``[-1, 1]``.
 
     A zero sample has cosine 0 with anything.
     """
-    a64, b64 = a.to(torch.float64), b.to(torch.float64)
-    norms = torch.sqrt(per_sample_dot(a64, a64) * per_sample_dot(b64, b64))
-    cos = per_sample_dot(a64, b64) / norms.clamp_min(torch.finfo(torch.float64).tiny)
-    return cos.clamp(-1.0, 1.0)
+    aa, ab, bb = _gram(upcast(a), upcast(b))
+    return _ratio(ab, torch.sqrt(aa * bb)).clamp(-1.0, 1.0)
 
 
 def adg(
@@ -71,80 +96,89 @@ def adg(
         perp = (x0_c - x0_u) - proj_{x0_u}(x0_c - x0_u)
         out  = cos θ_w · x0_c + perp · (sin θ_w / sin θ  if sin θ > 1e-3  else  w')
 
-    ``perp`` is the part of ``x0_c`` orthogonal to ``x0_u``, so the output lies in ``span{x0_c, x0_u}`` and
-    ``‖out‖ ≤ √2 ‖x0_c‖``. For small θ it is ``x0_c + w'·perp``: CFG without the component along ``x0_u``.
-    ``weight_floor = 0`` and ``scale = 1`` give ``x0_c`` exactly; the official code keeps ``1e-3``.
-    Deviations, both numerical guards: the cosine is clamped to ``[-1, 1]`` (the official ``acos`` gives
-    NaN when rounding pushes it past 1, e.g. for ``x0_c == x0_u``), and the projection divides by
-    ``‖x0_u‖²`` with a zero guard instead of ``‖x0_u‖² + 1e-8``, so ``θ = 0`` gives ``x0_c`` exactly.
+    ``perp`` is the part of ``x0_c`` orthogonal to ``x0_u``, ``x0_c - (⟨c, u⟩/‖u‖²) x0_u``, so the output is
+    one per-sample combination of the two inputs, computed from three dot products in a single pass. It
+    lies in ``span{x0_c, x0_u}`` and ``‖out‖ ≤ √2 ‖x0_c‖``; for small θ it is ``x0_c + w'·perp``, CFG
+    without the component along ``x0_u``. ``weight_floor = 0`` and ``scale = 1`` give ``x0_c`` exactly;
+    the official code keeps ``1e-3``. Deviations, both numerical guards: the cosine is clamped to
+    ``[-1, 1]`` (the official ``acos`` gives NaN when rounding pushes it past 1, e.g. for
+    ``x0_c == x0_u``), and the projection divides by ``‖x0_u‖²`` with a zero guard instead of
+    ``‖x0_u‖² + 1e-8``, so ``θ = 0`` gives ``x0_c`` exactly.
     """
-    shape, dtype = x0_cond.shape, x0_cond.dtype
-    c = x0_cond.reshape(shape[0], -1).to(torch.float64)
-    u = x0_uncond.reshape(shape[0], -1).to(torch.float64)
+    c, u = upcast(x0_cond), upcast(x0_uncond)
+    cc, cu, uu = _gram(c, u)
     weight = max(scale - 1.0, 0.0) + weight_floor
-    theta = torch.acos(per_sample_cosine(c, u))
+    theta = torch.acos(_ratio(cu, torch.sqrt(cc * uu)).clamp(-1.0, 1.0))
     theta_w = (weight * theta).clamp(max=max_angle)
-    diff = c - u
-    uu = per_sample_dot(u, u)
-    perp = diff - torch.where(uu > 0, per_sample_dot(diff, u) / torch.where(uu > 0, uu, 1.0), 0.0)[:, None] * u
     sin_theta = torch.sin(theta)
     small = sin_theta <= 1e-3  # first-order limit sin(w'θ)/sin θ -> w'
     ratio = torch.where(small, weight, torch.sin(theta_w) / torch.where(small, 1.0, sin_theta))
-    out = torch.cos(theta_w)[:, None] * c + ratio[:, None] * perp
-    return out.reshape(shape).to(dtype)
+    perp = _away(c, u, _ratio(cu, uu))  # c - (⟨c, u⟩/‖u‖²) u
+    return torch.mul(c, _per_sample(torch.cos(theta_w), c)).addcmul_(perp, _per_sample(ratio, c)).to(x0_cond.dtype)
+
+
+def _top_singular_coefficients(p: Tensor, q: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(a_c², a_c a_u, a_u²)`` of the unit top eigenvector of ``[[p, q], [q, r]]`` (float64, per sample).
+
+    With ``d = p - r`` and ``h = sqrt(d² + 4q²)``: ``a_c a_u = q / h``, ``a_u² = (h - d) / 2h`` and
+    ``a_c² = (h + d) / 2h``, each cancelling form rewritten as ``2q² / (h (h ± d))``. ``h = 0`` (``c ⟂ u``
+    with equal norms, or both zero) leaves the top direction undefined; we then keep ``u`` (``a_u = 1``).
+    """
+    d = p - r
+    h = torch.sqrt(d * d + 4.0 * q * q)
+    degenerate = h <= 1e-300
+    h = torch.where(degenerate, 1.0, h)
+    a_uu = torch.where(d > 0, 2.0 * q * q / (h * (h + d)), (h - d) / (2.0 * h))
+    a_cc = torch.where(d < 0, 2.0 * q * q / (h * (h - d)), (h + d) / (2.0 * h))
+    a_cu = q / h
+    return torch.where(degenerate, 0.0, a_cc), torch.where(degenerate, 0.0, a_cu), torch.where(degenerate, 1.0, a_uu)
 
 
 def tangential_projection(pred_cond: Tensor, pred_uncond: Tensor) -> Tensor:
     """``⟨u, v1⟩ v1`` with ``v1`` the top right-singular vector of the ``(2, N)`` matrix ``[c; u]``.
 
     TCFG's projection (Kwon et al., CVPR 2025, eq. 8; diffusers ``normalized_guidance``), computed from the
-    2x2 Gram matrix ``G = [[p, q], [q, r]]`` (``p = ‖c‖², q = ⟨c, u⟩, r = ‖u‖²``, float64) instead of an SVD:
-    with ``(a_c, a_u)`` the unit top eigenvector of ``G``, ``v1 ∝ a_c c + a_u u`` and
-    ``⟨u, v1⟩ v1 = a_u (a_c c + a_u u)``. With ``h = sqrt((p - r)² + 4q²)``: ``a_c a_u = q / h`` and
-    ``a_u² = (h - p + r) / 2h`` (written without cancellation). ``h = 0`` (``c ⟂ u`` with equal norms, or
-    both zero) leaves the top direction undefined; we then keep ``u`` (``a_u = 1``).
+    2x2 Gram matrix ``G = [[‖c‖², ⟨c, u⟩], [⟨c, u⟩, ‖u‖²]]`` instead of an SVD: with ``(a_c, a_u)`` the unit
+    top eigenvector of ``G``, ``v1 ∝ a_c c + a_u u`` and ``⟨u, v1⟩ v1 = a_u (a_c c + a_u u)``
+    (:func:`_top_singular_coefficients`). Three dot products and one pass, no division by a singular value.
     """
-    shape, dtype = pred_cond.shape, pred_cond.dtype
-    c = pred_cond.reshape(shape[0], -1).to(torch.float64)
-    u = pred_uncond.reshape(shape[0], -1).to(torch.float64)
-    p, q, r = per_sample_dot(c, c), per_sample_dot(c, u), per_sample_dot(u, u)
-    d = p - r
-    h = torch.sqrt(d * d + 4.0 * q * q)
-    degenerate = h <= 1e-300
-    h_safe = torch.where(degenerate, 1.0, h)
-    # a_u^2 = (h - d) / 2h; for d > 0 use the equal 2q^2 / (h (h + d)), which has no cancellation
-    a_u2 = torch.where(d > 0, 2.0 * q * q / (h_safe * (h_safe + d)), (h_safe - d) / (2.0 * h_safe))
-    a_cu = q / h_safe
-    a_u2 = torch.where(degenerate, 1.0, a_u2)
-    a_cu = torch.where(degenerate, 0.0, a_cu)
-    out = a_cu[:, None] * c + a_u2[:, None] * u
-    return out.reshape(shape).to(dtype)
+    c, u = upcast(pred_cond), upcast(pred_uncond)
+    _, a_cu, a_uu = _top_singular_coefficients(*_gram(c, u))
+    return torch.mul(c, _per_sample(a_cu, c)).addcmul_(u, _per_sample(a_uu, c)).to(pred_cond.dtype)
 
 
 def tcfg(pred_cond: Tensor, pred_uncond: Tensor, scale: float) -> Tensor:
-    """Tangential-damping CFG, ``u' + w (c - u')`` with ``u'`` from :func:`tangential_projection`."""
-    return cfg(pred_cond, tangential_projection(pred_cond, pred_uncond), scale)
+    """Tangential-damping CFG, ``u' + w (c - u') = c + (w - 1)(c - u')`` with ``u' = a_u (a_c c + a_u u)``.
+
+    Two passes after three dot products; ``c == u`` gives ``u' = c`` and the output ``c`` exactly.
+    """
+    c, u = upcast(pred_cond), upcast(pred_uncond)
+    _, a_cu, a_uu = _top_singular_coefficients(*_gram(c, u))
+    away = torch.mul(c, _per_sample(1.0 - a_cu, c)).addcmul_(u, _per_sample(a_uu, c), value=-1.0)  # c - u'
+    return torch.add(c, away, alpha=scale - 1.0).to(pred_cond.dtype)
 
 
 def cfg_zero_star_scale(pred_cond: Tensor, pred_uncond: Tensor) -> Tensor:
-    """``s* = ⟨c, u⟩ / ‖u‖²`` per sample, ``(b,)``, float32 or wider (Fan et al. 2025, eq. 8); 0 where ``u = 0``.
+    """``s* = ⟨c, u⟩ / ‖u‖²`` per sample, ``(b,)`` float64 (Fan et al. 2025, eq. 8); 0 where ``u = 0``.
 
     The official code divides by ``‖u‖² + 1e-8``; we guard the zero norm instead, so ``u = c`` gives
     ``s* = 1`` exactly (relative difference ``1e-8 / ‖u‖²``, far below float32 precision for real models).
     """
-    c, u = upcast(pred_cond), upcast(pred_uncond)
-    uu = per_sample_dot(u, u)
-    return torch.where(uu > 0, per_sample_dot(c, u) / torch.where(uu > 0, uu, 1.0), 0.0)
+    _, cu, uu = _gram(upcast(pred_cond), upcast(pred_uncond))
+    return _ratio(cu, uu)
 
 
 def cfg_zero_star(pred_cond: Tensor, pred_uncond: Tensor, scale: float, scaled_shift: bool = True) -> Tensor:
     """CFG-Zero*'s optimised-scale guidance (Fan et al. 2025, eq. 9; WeichenFan/CFG-Zero-star).
 
-    ``scaled_shift=True`` (official, and diffusers >= 0.34): ``s*·u + w (c - s*·u)``.
-    ``scaled_shift=False``: ``s*·u + w (c - u)``, the rule of diffusers' first guider (commit 05d74ef3).
+    ``scaled_shift=True`` (official, and diffusers >= 0.34): ``s*·u + w (c - s*·u) = c + (w - 1)(c - s*·u)``.
+    ``scaled_shift=False``: ``s*·u + w (c - u) = c + (w - 1)(c - u) - (1 - s*) u``, the rule of diffusers'
+    first guider (commit 05d74ef3). Two passes after two dot products; ``u = a·c`` gives ``c`` exactly.
     """
-    s = append_dims(cfg_zero_star_scale(pred_cond, pred_uncond), pred_cond.ndim)
     c, u = upcast(pred_cond), upcast(pred_uncond)
-    base = s * u
-    out = base + scale * (c - (base if scaled_shift else u))
+    _, cu, uu = _gram(c, u)
+    s = _ratio(cu, uu)
+    if scaled_shift:
+        return torch.add(c, _away(c, u, s), alpha=scale - 1.0).to(pred_cond.dtype)
+    out = torch.add(c, c - u, alpha=scale - 1.0).addcmul_(u, _per_sample(1.0 - s, c), value=-1.0)
     return out.to(pred_cond.dtype)
