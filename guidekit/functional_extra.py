@@ -113,8 +113,8 @@ def adg(
     sin_theta = torch.sin(theta)
     small = sin_theta <= 1e-3  # first-order limit sin(w'θ)/sin θ -> w'
     ratio = torch.where(small, weight, torch.sin(theta_w) / torch.where(small, 1.0, sin_theta))
-    perp = _away(c, u, _ratio(cu, uu))  # c - (⟨c, u⟩/‖u‖²) u
-    return torch.mul(c, _per_sample(torch.cos(theta_w), c)).addcmul_(perp, _per_sample(ratio, c)).to(x0_cond.dtype)
+    out = _away(c, u, _ratio(cu, uu))  # perp = c - (⟨c, u⟩/‖u‖²) u, the only full-size temporary
+    return out.mul_(_per_sample(ratio, c)).addcmul_(c, _per_sample(torch.cos(theta_w), c)).to(x0_cond.dtype)
 
 
 def _top_singular_coefficients(p: Tensor, q: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -154,8 +154,8 @@ def tcfg(pred_cond: Tensor, pred_uncond: Tensor, scale: float) -> Tensor:
     """
     c, u = upcast(pred_cond), upcast(pred_uncond)
     _, a_cu, a_uu = _top_singular_coefficients(*_gram(c, u))
-    away = torch.mul(c, _per_sample(1.0 - a_cu, c)).addcmul_(u, _per_sample(a_uu, c), value=-1.0)  # c - u'
-    return torch.add(c, away, alpha=scale - 1.0).to(pred_cond.dtype)
+    out = torch.mul(c, _per_sample(1.0 - a_cu, c)).addcmul_(u, _per_sample(a_uu, c), value=-1.0)  # c - u'
+    return out.mul_(scale - 1.0).add_(c).to(pred_cond.dtype)
 
 
 def cfg_zero_star_scale(pred_cond: Tensor, pred_uncond: Tensor) -> Tensor:
@@ -179,6 +179,6 @@ def cfg_zero_star(pred_cond: Tensor, pred_uncond: Tensor, scale: float, scaled_s
     _, cu, uu = _gram(c, u)
     s = _ratio(cu, uu)
     if scaled_shift:
-        return torch.add(c, _away(c, u, s), alpha=scale - 1.0).to(pred_cond.dtype)
-    out = torch.add(c, c - u, alpha=scale - 1.0).addcmul_(u, _per_sample(1.0 - s, c), value=-1.0)
+        return _away(c, u, s).mul_(scale - 1.0).add_(c).to(pred_cond.dtype)
+    out = torch.sub(c, u).mul_(scale - 1.0).add_(c).addcmul_(u, _per_sample(1.0 - s, c), value=-1.0)
     return out.to(pred_cond.dtype)
