@@ -37,7 +37,8 @@ class GuidanceContext:
             Stateful strategies advance their state only on ``substep == 0``.
         sigmas: the full EDM sigma schedule ``(num_steps + 1,)`` ending at 0, when the loop knows it.
         sigma_next: ``(b,)`` EDM sigma the sampler steps to, when known (CFG++ needs it).
-        space: the space ``pred_cond`` / ``pred_uncond`` are expressed in.
+        space: the space ``pred_cond`` / ``pred_uncond`` are expressed in; ``None`` when the caller cannot
+            tell (a diffusers scheduler without ``prediction_type``): then only space-free strategies run.
         x: the current noisy sample in the coordinates of ``space`` (VP ``x_t``, flow ``x_t`` or EDM ``x``),
             or ``None`` when the caller does not provide it.
         allow_nonfinite: if False (default) strategies raise :class:`~guidekit.errors.NonFiniteError` on
@@ -50,7 +51,7 @@ class GuidanceContext:
     substep: int = 0
     sigmas: Tensor | None = None
     sigma_next: Tensor | None = None
-    space: PredictionSpace = "eps"
+    space: PredictionSpace | None = "eps"
     x: Tensor | None = None
     allow_nonfinite: bool = False
 
@@ -82,8 +83,9 @@ def x0_delta_scale(space: PredictionSpace, sigma: Tensor) -> Tensor:
         return torch.ones_like(sigma)
     if space == "eps":
         return -sigma
+    # written in 1/sigma so that sigma = inf (flow t = 1, zero terminal SNR) gives the limit -1, not NaN
     if space == "v":
-        return -sigma / torch.sqrt(1.0 + sigma * sigma)
+        return -torch.rsqrt(1.0 + torch.reciprocal(sigma * sigma))
     if space == "flow":
-        return -sigma / (1.0 + sigma)
+        return -torch.reciprocal(1.0 + torch.reciprocal(sigma))
     raise ValueError(f"space: expected one of 'x0', 'eps', 'v', 'flow', got {space!r}")

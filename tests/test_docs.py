@@ -5,6 +5,7 @@ Blocks of one file run in order in one namespace, like a reader pasting them int
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -35,6 +36,8 @@ def test_doc_code_blocks_run(path: Path, tmp_path: Path, monkeypatch: pytest.Mon
     blocks = _blocks(path)
     if not blocks:
         pytest.skip(f"{path.name} has no python blocks")
+    if any("diffusers" in code for _, code in blocks) and importlib.util.find_spec("diffusers") is None:
+        pytest.skip(f"{path.name} needs the diffusers extra")
     monkeypatch.chdir(tmp_path)  # blocks that write files write them here
     namespace: dict[str, object] = {"__name__": "__docs__"}
     for line, code in blocks:

@@ -589,7 +589,6 @@ def test_subclasses_are_supported_and_families_can_be_registered(pipes: dict) ->
         gkd.FAMILIES.pop("MyPipeline")
 
 
-@pytest.mark.xfail(reason="core: x0_delta_scale gives NaN at sigma = inf (flow t = 1, zero terminal SNR)", strict=False)
 @pytest.mark.parametrize("family", ["sd3", "cogvideox"])
 def test_x0_energy_samg_at_the_pure_noise_step(pipes: dict, family: str) -> None:
     pipe, kw = pipes[family]
