@@ -172,8 +172,8 @@ def video_metrics(
     The classifier and the temporal scores see the clips clamped to ``[-1, 1]`` (as a saved video);
     overshoot is measured on the raw values. Returns:
 
-    * ``acc``: per-frame accuracy of the requested label; ``clip_acc``: accuracy of the frame-averaged
-      class probabilities;
+    * ``acc``: per-frame accuracy of the requested label; ``p_y``: its mean per-frame probability (smooth,
+      for matching strategies at equal fidelity); ``clip_acc``: accuracy of the frame-averaged probabilities;
     * ``fd``: Fréchet distance of per-frame features against the reference frames (compare only at equal
       numbers of clips);
     * ``mc_diff`` and ``mc_ratio``: motion-compensated frame difference, and its ratio to the real clips';
@@ -195,6 +195,7 @@ def video_metrics(
     over_share, over_mean = overshoot(x)
     return {
         "acc": class_accuracy(probs.reshape(-1, probs.shape[-1]), frame_labels),
+        "p_y": float(probs.reshape(-1, probs.shape[-1]).gather(1, frame_labels[:, None]).mean()),
         "clip_acc": class_accuracy(probs.mean(dim=1), labels.to(probs.device)),
         "fd": frechet_distance(features, reference.features),
         "mc_diff": mc,
