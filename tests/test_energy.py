@@ -99,6 +99,23 @@ def test_delta_score_refuses_zero_sigma():
         DeltaScore()(c, c, ctx)
 
 
+def test_x0_estimators_need_a_known_space():
+    c = torch.randn(2, 3, 4, 4)
+    ctx = GuidanceContext(sigma=torch.ones(2), space=None)
+    for estimator in (X0DeltaSquared(), DeltaScore()):
+        with pytest.raises(
+            ConfigError, match=rf"ctx.space: expected the prediction space .* for {type(estimator).__name__}"
+        ):
+            estimator(c, 0.5 * c, ctx)
+    assert DeltaSquared()(c, 0.5 * c, ctx).shape == (2, 1, 4, 4)
+
+
+def test_delta_score_at_infinite_sigma_is_zero_energy():
+    c = torch.randn(2, 3, 4, 4)
+    e = DeltaScore()(c, 0.5 * c, GuidanceContext(sigma=torch.tensor([float("inf"), 1.0]), space="flow"))
+    assert torch.isfinite(e).all() and (e[0] == 0).all() and (e[1] > 0).any()
+
+
 def test_estimators_name_a_sigma_of_the_wrong_length():
     c = torch.randn(2, 3, 4, 4)
     with pytest.raises(ShapeError, match=r"ctx.sigma: expected 2 values.*\(3,\)"):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from ..context import GuidanceContext, x0_delta_scale
@@ -31,6 +30,16 @@ class _ChannelEnergy(EnergyEstimator):
 
     def __post_init__(self) -> None:
         check_choice("reduce", self.reduce, ("mean", "sum"))
+
+
+def _x0_scale(ctx: GuidanceContext, sigma: Tensor, like: Tensor, who: str) -> Tensor:
+    """``x0_delta_scale(ctx.space, sigma)`` shaped like ``like``, or a clear error when the space is unknown."""
+    if ctx.space is None:
+        raise ConfigError(
+            f"ctx.space: expected the prediction space ('eps', 'v', 'flow' or 'x0') for {who}, which converts Δ "
+            "to x0, got None (use DeltaSquared, which needs no space)"
+        )
+    return per_sample(x0_delta_scale(ctx.space, sigma), like)
 
 
 @ENERGY.register("delta-sq")
@@ -59,8 +68,7 @@ class X0DeltaSquared(_ChannelEnergy):
 
     def __call__(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor:
         energy = delta_energy(pred_cond, pred_uncond, self.reduce)
-        k = per_sample(x0_delta_scale(ctx.space, ctx.sigma), energy)
-        return energy.mul_(k.square())
+        return energy.mul_(_x0_scale(ctx, ctx.sigma, energy, "X0DeltaSquared").square())
 
 
 @ENERGY.register("delta-score")
@@ -82,5 +90,5 @@ class DeltaScore(_ChannelEnergy):
                 f"{sigma.tolist() if sigma.numel() <= 8 else 'min ' + str(float(sigma.min()))}"
             )
         energy = delta_energy(pred_cond, pred_uncond, self.reduce)
-        k = per_sample(x0_delta_scale(ctx.space, sigma) / torch.square(sigma.to(torch.float32)), energy)
+        k = _x0_scale(ctx, sigma, energy, "DeltaScore") / per_sample(sigma, energy).square()
         return energy.mul_(k.square())
