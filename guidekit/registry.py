@@ -136,7 +136,7 @@ class Registry(Generic[T]):
         for ep in self._entry_points(self.group):
             if only is not None and ep.name != only:
                 continue
-            if ep.name in self._items or ep.name in self.broken:
+            if ep.name in self.broken or self._origin.get(ep.name) == f"plugin {ep.value}":
                 continue
             self._load_entry_point(ep)
         if only is None:

@@ -42,7 +42,7 @@ def test_doc_code_blocks_run(path: Path, tmp_path: Path, monkeypatch: pytest.Mon
     namespace: dict[str, object] = {"__name__": "__docs__"}
     for line, code in blocks:
         try:
-            exec(compile(code, f"{path.name}:{line}", "exec"), namespace)
+            exec(compile(code, f"{path.name}:{line}", "exec", dont_inherit=True), namespace)
         except Exception as exc:  # report which block failed
             raise AssertionError(f"{path.relative_to(ROOT)} block at line {line} failed: {exc!r}") from exc
 
