@@ -153,7 +153,7 @@ def test_dynamic_cfg_reproduces_the_cogvideox_pipeline(n, w):
     scheduler = CogVideoXDDIMScheduler(timestep_spacing="trailing")
     scheduler.set_timesteps(n)
     dynamic = gk.DynamicCFG(gk.CFG(w))
-    for i, t in enumerate(scheduler.timesteps):
+    for i, t in enumerate(scheduler.timesteps[:n]):
         assert trailing_timestep(i, n) == int(t)
         # pipeline_cogvideox.py, use_dynamic_cfg=True: t is the scheduler timestep
         expected = 1 + w * ((1 - math.cos(math.pi * ((n - t.item()) / n) ** 5.0)) / 2)
@@ -166,7 +166,8 @@ def test_trailing_timesteps_match_diffusers_for_every_step_count():
     scheduler = CogVideoXDDIMScheduler(timestep_spacing="trailing")
     for n in range(1, 151):
         scheduler.set_timesteps(n)
-        assert [trailing_timestep(i, n) for i in range(n)] == scheduler.timesteps.tolist()
+        # numpy's arange overshoots for some n (61, 103, 121, 122): diffusers then appends a timestep -1
+        assert [trailing_timestep(i, n) for i in range(n)] == scheduler.timesteps.tolist()[:n]
 
 
 @given(st.integers(2, 100), st.floats(0.0, 12.0), st.floats(1.0, 8.0))
