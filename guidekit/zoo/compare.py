@@ -58,12 +58,14 @@ class Bench(ABC):
     """A model plus the way its samples are measured.
 
     ``quality`` names the distance to the reference (lower is better) and ``fidelity`` the class
-    fidelity (higher is better); ``columns`` are all reported metrics in order.
+    fidelity (higher is better, at most 1); ``columns`` are all reported metrics in order;
+    ``reference_name`` says what :meth:`reference_images` shows.
     """
 
     name: str
     quality: str
     fidelity: str
+    reference_name: str
     columns: tuple[str, ...]
     num_classes: int
 
@@ -126,7 +128,8 @@ class DigitsBench(Bench):
 
     name = "digits"
     quality = "fd_test"
-    fidelity = "acc"
+    fidelity = "p_y"
+    reference_name = "test digits"
     columns = ("acc", "p_y", "fd_train", "fd_test", "cfd", "precision", "recall", "over_share", "over_mean")
     num_classes = 10
     event_shape = (1, 8, 8)
@@ -183,6 +186,7 @@ class GMMBench(Bench):
     name = "gmm"
     quality = "ed"
     fidelity = "p_y"
+    reference_name = "exact samples"
     columns = ("acc", "p_y", "ed", "log_p", "over_share", "over_mean")
     num_classes = 10
     event_shape = (1, 8, 8)

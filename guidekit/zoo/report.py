@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import GuidekitError
 from ..strategies.base import GuidanceStrategy
 from .compare import Bench, Run, Settings
 from .figures import frontier_plot, image_grid, scale_map_strip
@@ -47,6 +48,8 @@ class Comparison:
     entries: list[Entry]
     rows: list[dict[str, Any]] = field(default_factory=list)
     first_runs: list[Run] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    """Entry label -> why it could not run on this model (only with ``skip_failures``)."""
 
     def summary(self) -> list[dict[str, Any]]:
         """Rows averaged over seeds (``<metric>_sd`` the spread across seeds when there are several)."""
@@ -71,23 +74,39 @@ def run_comparison(
     seeds: Sequence[int] = (0,),
     progress: bool = True,
     on_run: Callable[[Entry, Run], None] | None = None,
+    skip_failures: bool = False,
 ) -> Comparison:
-    """Sample and measure every entry at every seed (same noise per seed for all entries), with a bar."""
+    """Sample and measure every entry at every seed (same noise per seed for all entries), with a bar.
+
+    With ``skip_failures`` an entry whose strategy raises a :class:`~guidekit.errors.GuidekitError` on
+    this model (e.g. a flow-only option on an eps model) is dropped and noted in ``failed``.
+    """
     from tqdm.auto import tqdm
 
-    result = Comparison(bench, settings, tuple(seeds), list(entries))
+    result = Comparison(bench, settings, tuple(seeds), [])
     with tqdm(total=len(entries) * len(seeds), desc=f"{bench.name}", disable=not progress, unit="run") as bar:
-        for i, entry in enumerate(entries):
-            for seed in seeds:
-                bar.set_postfix_str(f"{entry.label} seed={seed}"[:48])
-                run = bench.run(entry.strategy, settings, seed=seed, record_scale_maps=seed == seeds[0])
+        for entry in entries:
+            i = len(result.entries)
+            try:
+                runs = []
+                for seed in seeds:
+                    bar.set_postfix_str(f"{entry.label} seed={seed}"[:48])
+                    runs.append(bench.run(entry.strategy, settings, seed=seed, record_scale_maps=seed == seeds[0]))
+                    bar.update(1)
+            except GuidekitError as exc:
+                if not skip_failures:
+                    raise
+                result.failed[entry.label] = str(exc)
+                bar.update(len(seeds) - len(runs))
+                continue
+            result.entries.append(entry)
+            for seed, run in zip(seeds, runs, strict=True):
                 row = {"index": i, "family": entry.family, "strength": entry.strength, "label": entry.label}
                 result.rows.append({**row, "seed": seed, **run.metrics})
                 if seed == seeds[0]:
                     result.first_runs.append(run)
                 if on_run is not None:
                     on_run(entry, run)
-                bar.update(1)
     return result
 
 
@@ -156,7 +175,7 @@ def write_outputs(comparison: Comparison, out: Path, title: str = "", grid_per_c
 
     per_class = settings.per_class
     pick = [c * per_class + i for c in range(bench.num_classes) for i in range(min(grid_per_class, per_class))]
-    rows = [("reference", bench.reference_images(max(grid_per_class, 1))[: len(pick)])]
+    rows = [(bench.reference_name, bench.reference_images(max(grid_per_class, 1))[: len(pick)])]
     rows += [(e.label, run.samples[pick]) for e, run in zip(comparison.entries, comparison.first_runs, strict=True)]
     what = f"{bench.name}: one sample per class (seed {comparison.seeds[0]}, same noise in every row)"
     paths["grid"] = image_grid(rows, out / "grid.png", title=title or what)
@@ -164,7 +183,7 @@ def write_outputs(comparison: Comparison, out: Path, title: str = "", grid_per_c
     plot_rows = [{**r, "fidelity": r[bench.fidelity], "quality": r[bench.quality]} for r in summary]
     paths["frontier"] = frontier_plot(
         plot_rows, bench.fidelity, bench.quality, out / "frontier.png",
-        title=f"{bench.name}: {bench.quality} vs {bench.fidelity}, {settings.sampler} {settings.steps} steps, "
+        title=f"{bench.name}: {bench.quality} vs class error, {settings.sampler} {settings.steps} steps, "
         f"{per_class * bench.num_classes} samples x {len(comparison.seeds)} seed(s)",
     )  # fmt: skip
     shown: set[str] = set()
@@ -175,7 +194,9 @@ def write_outputs(comparison: Comparison, out: Path, title: str = "", grid_per_c
         shown.add(entry.family)
         path = out / f"scale-maps-{_slug(entry.family)}.png"
         title = f"{entry.label}: per-point guidance scale over the steps"
-        paths[f"scale-maps-{entry.family}"] = scale_map_strip(run.records, run.samples, strip_samples, path, title)
+        paths[f"scale-maps-{entry.family}"] = scale_map_strip(
+            run.records, run.samples, strip_samples, path, title, labels=run.labels
+        )
     return paths
 
 

@@ -20,8 +20,8 @@ from ..strategies.base import GuidanceStrategy
 
 __all__ = ["DEFAULT_STRENGTHS", "Sweep", "default_sweeps", "label"]
 
-DEFAULT_STRENGTHS: tuple[float, ...] = (1.5, 2.0, 3.0)
-"""Strengths of the generic sweep: CFG-like scales from mild to strong on the digits model."""
+DEFAULT_STRENGTHS: tuple[float, ...] = (1.5, 3.0)
+"""Strengths of the generic sweep: a mild and a strong CFG-like scale on the digits model."""
 
 APG_NORM_THRESHOLD = 2.5
 """APG's ``r`` for 8x8 digits: about the median per-sample ``|Δx0|`` at mid noise (measured), so only the
@@ -42,6 +42,10 @@ class Sweep:
         return [(f"{self.name} {self.param}={s:g}", self.make(s)) for s in self.strengths]
 
 
+def _get(name: str) -> type:
+    return STRATEGIES.get(name)
+
+
 def _known() -> dict[str, Sweep]:
     from ..strategies import APG, CFG, SAMG, Interval
 
@@ -49,9 +53,12 @@ def _known() -> dict[str, Sweep]:
         Sweep("cfg", "scale", (1.0, 1.5, 2.0, 3.0), lambda s: CFG(s)),
         Sweep("apg", "scale", (2.0, 3.0, 5.0), lambda s: APG(s, 0.0, APG_NORM_THRESHOLD, -0.5)),
         Sweep("interval", "scale", (2.0, 3.0, 5.0), lambda s: Interval(CFG(s))),
-        Sweep("samg", "w", DEFAULT_STRENGTHS, lambda s: SAMG(w=s)),
-        Sweep("cfg++", "λ", (0.05, 0.1, 0.2), lambda s: STRATEGIES.get("cfg++")(scale=s)),
-        Sweep("fdg", "scale", DEFAULT_STRENGTHS, lambda s: STRATEGIES.get("fdg")(scales=(4 * s / 3, 2 * s / 3))),
+        Sweep("samg", "w", (1.5, 2.0, 3.0), lambda s: SAMG(w=s)),
+        # λ acts like w ≈ λ σ / (σ - σ') per step, about 3λ on a 12-step trailing grid
+        Sweep("cfg++", "λ", (0.4, 0.8), lambda s: _get("cfg++")(scale=s)),
+        # the digits model predicts eps: CFG-Zero*'s zero-init step applies to flow velocities only
+        Sweep("cfg-zero-star", "scale", DEFAULT_STRENGTHS, lambda s: _get("cfg-zero-star")(scale=s, zero_init_steps=0)),
+        Sweep("fdg", "scale", DEFAULT_STRENGTHS, lambda s: _get("fdg")(scales=(4 * s / 3, 2 * s / 3))),
     ]
     return {s.name: s for s in sweeps}
 

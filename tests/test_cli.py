@@ -1,0 +1,174 @@
+"""The ``guidekit`` command: demo and compare end to end (tiny settings), list, and every error path."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import guidekit as gk
+from guidekit.cli import CLIError, main, parse_strategy
+
+TINY = ["--per-class", "4", "--steps", "3", "-q"]
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_demo_writes_table_grid_plot_and_scale_maps(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    code = main(["demo", "--out", str(out), "--only", "cfg", "apg", "interval", "samg", *TINY])
+    assert code == 0
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["family"] for r in rows] == ["cfg"] * 4 + ["apg"] * 3 + ["interval"] * 3 + ["samg"] * 3
+    assert all(0.0 <= float(r["acc"]) <= 1.0 and float(r["fd_test"]) > 0 for r in rows)
+    assert {float(r["nfe"]) for r in rows if r["family"] == "cfg"} == {3.0, 6.0}  # scale 1 skips uncond
+    meta = json.loads((out / "metrics.json").read_text())
+    assert meta["model"] == "digits" and meta["settings"]["steps"] == 3 and len(meta["summary"]) == 13
+    assert gk.build(meta["strategies"][-1]["spec"]) == gk.SAMG(w=3.0)
+    assert "strategy" in (out / "metrics.txt").read_text()
+    for name in ("grid.png", "frontier.png", "scale-maps-samg.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "scale-maps-cfg.png").exists()  # CFG's scale is not spatial
+
+
+def test_demo_runs_every_registered_strategy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["demo", "--out", str(tmp_path), "--per-class", "4", "--steps", "2"])
+    captured = capsys.readouterr()
+    assert code == 0
+    families = {r["family"] for r in csv.DictReader((tmp_path / "metrics.csv").open())}
+    assert {"cfg", "apg", "interval", "samg"} <= families
+    lines = captured.out.splitlines()
+    skipped = {line.split()[1].rstrip(":") for line in lines if line.startswith("  skipped")}
+    failed = {line.split()[1] for line in lines if line.startswith("  failed")}
+    assert families | skipped | failed == set(gk.strategies.names())
+    assert not failed, captured.out  # every built-in sweep runs on the digits model
+
+
+def test_compare_from_command_line_and_spec_files_on_the_gmm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    toml = tmp_path / "samg.toml"
+    toml.write_text('name = "samg"\n[params]\nw_min = 1.0\nw_max = 4.0\n')
+    spec = tmp_path / "apg.json"
+    spec.write_text(json.dumps(gk.to_spec(gk.APG(scale=3.0, norm_threshold=2.5)).model_dump()))
+    argv = ["compare", "--model", "gmm", "-s", "cfg:scale=2", "-s", '{"name": "cfg", "params": {"scale": 4}}']
+    argv += [
+        "--spec",
+        str(toml),
+        "--spec",
+        str(spec),
+        "--sampler",
+        "euler",
+        "--out",
+        str(tmp_path),
+        "--seeds",
+        "0",
+        "1",
+    ]
+    code = main([*argv, "--per-class", "4", "--steps", "3"])
+    assert code == 0
+    assert "±" in capsys.readouterr().out  # two seeds: the spread is shown
+    meta = json.loads((tmp_path / "metrics.json").read_text())
+    assert [s["label"] for s in meta["strategies"]] == [
+        "cfg scale=2",
+        "cfg scale=4",
+        "samg w_min=1 w_max=4",
+        "apg scale=3 norm_threshold=2.5",
+    ]
+    assert meta["model"] == "gmm" and meta["settings"]["sampler"] == "euler"
+    assert len(meta["runs"]) == 8 and all("ed" in r and "p_y" in r for r in meta["runs"])
+    assert (tmp_path / "scale-maps-samg.png").exists()
+
+
+def test_list_shows_every_group_with_origins(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(["list"], capsys)
+    assert code == 0
+    for group, registry in gk.REGISTRIES.items():
+        assert f"{group} ({len(registry.names())}):" in out
+        for name in registry.names():
+            assert f"  {name} " in out
+    assert "guidekit.strategies.cfg.CFG" in out
+    if "perp-cfg" in gk.strategies.names():  # the example plugin, when installed
+        assert "plugin guidekit_example" in out
+    code, out, _ = _run(["list", "samplers", "-v"], capsys)
+    assert code == 0 and "strategies (" not in out and "ddim" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compare", "-s", "cgf:scale=3"], "unknown strategy 'cgf'; did you mean 'cfg'?"),
+        (["compare", "-s", "cfg:scale=abc"], "strategy[cfg].scale: Input should be a valid number (got 'abc')"),
+        (["compare", "-s", "cfg:scale"], "expected key=value after 'cfg:', got 'scale'"),
+        (["compare", "-s", "{not json"], "--strategy: expected a JSON spec"),
+        (["compare", "--spec", "/nonexistent/spec.json"], "spec file: cannot read '/nonexistent/spec.json'"),
+        (["compare"], "expected at least one --strategy or --spec, got none"),
+        (["compare", "-s", "cfg", "--sampler", "eulr"], "unknown sampler 'eulr'; did you mean 'euler'?"),
+        (["compare", "-s", "cfg", "--steps", "0"], "steps: expected an integer >= 1, got 0"),
+        (["demo", "--only", "samgg"], "unknown strategy 'samgg'; did you mean 'samg'?"),
+    ],
+)
+def test_user_errors_exit_2_with_a_message(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _run([*argv, "--out", str(tmp_path / "o"), "-q"], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("guidekit: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_bad_spec_file_and_unwritable_output_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    code, _, err = _run(["compare", "--spec", str(bad), "--out", str(tmp_path / "o"), "-q"], capsys)
+    assert code == 2 and "expected valid JSON" in err and str(bad) in err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = _run(["compare", "-s", "cfg", "--out", str(blocker / "sub"), "-q"], capsys)
+    assert code == 2 and "--out: expected a folder that can be written" in err and str(blocker / "sub") in err
+
+
+def test_argparse_errors_also_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--model", "mnist"])
+    assert exc.value.code == 2 and "invalid choice: 'mnist'" in capsys.readouterr().err
+
+
+@given(st.floats(-20, 20, allow_nan=False), st.sampled_from(["{!r}", "{:g}", "{:.3f}"]))
+def test_parse_strategy_reads_key_values(scale: float, fmt: str) -> None:
+    text = fmt.format(scale)
+    assert parse_strategy(f"cfg:scale={text}") == gk.CFG(float(text))
+
+
+@given(st.floats(0.1, 10), st.floats(0.0, 1.0), st.floats(0.3, 10))
+def test_parse_strategy_round_trips_json_and_nested_key_values(w: float, eta: float, hi: float) -> None:
+    for strategy in (gk.APG(scale=w, eta=eta), gk.Interval(gk.CFG(w), 0.0, hi), gk.SAMG(w_min=min(w, hi), w_max=hi)):
+        assert parse_strategy(json.dumps(gk.to_spec(strategy).model_dump())) == strategy
+    inner = json.dumps({"name": "cfg", "params": {"scale": w}})
+    assert parse_strategy(f"interval:inner={inner},sigma_hi={hi!r}") == gk.Interval(gk.CFG(w), sigma_hi=hi)
+    with pytest.raises(CLIError):
+        parse_strategy("interval:sigma_hi")
+
+
+def test_console_script_is_installed() -> None:
+    code = (
+        "from importlib.metadata import entry_points\n"
+        "ep = entry_points(group='console_scripts')['guidekit']\n"
+        "print(ep.value)\n"
+        "raise SystemExit(ep.load()(['list', 'mappers']))"
+    )
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "guidekit.cli:main" and "linear" in done.stdout
