@@ -115,12 +115,29 @@ def _split(t: Tensor, b: int) -> tuple[Tensor, Tensor]:
     return t[:b], t[b:]
 
 
+def _nested(strategy: Any) -> list[GuidanceStrategy]:
+    """The strategies held in ``strategy``'s attributes (a combinator's ``inner``)."""
+    values = vars(strategy).values() if hasattr(strategy, "__dict__") else ()
+    return [v for v in values if isinstance(v, GuidanceStrategy)]
+
+
 def _requires_weak_model(strategy: Any) -> bool:
     """Whether ``strategy`` or a strategy nested in it sets ``requires_weak_model`` (AutoGuidance)."""
-    if getattr(strategy, "requires_weak_model", False):
-        return True
-    nested = vars(strategy).values() if hasattr(strategy, "__dict__") else ()
-    return any(isinstance(v, GuidanceStrategy) and _requires_weak_model(v) for v in nested)
+    return bool(getattr(strategy, "requires_weak_model", False)) or any(map(_requires_weak_model, _nested(strategy)))
+
+
+def _check_renoise_forwarded(strategy: Any) -> None:
+    """Refuse a combinator that hides a sampler-coupled strategy's re-noising (CFG++ inside Interval, ...)."""
+    from .strategies.scheduled import sampler_coupled
+
+    for child in _nested(strategy):
+        if sampler_coupled(child) and not callable(getattr(strategy, "renoise_prediction", None)):
+            raise ConfigError(
+                f"strategy: expected {type(strategy).__name__} to forward renoise_prediction, since it wraps the "
+                f"sampler-coupled {type(child).__name__}; got a combinator without it (its re-noising would be "
+                "silently lost)"
+            )
+        _check_renoise_forwarded(child)
 
 
 # -- the guided denoiser -----------------------------------------------------------------------------------
@@ -152,6 +169,7 @@ class GuidedDenoiser:
                 f"weak_model: expected the weak (guiding) model, since {type(strategy).__name__} evaluates it in "
                 "place of the unconditional branch (AutoGuidance); got None"
             )
+        _check_renoise_forwarded(strategy)
         self.model, self.weak_model, self.strategy = model, weak_model, strategy
         self.cond, self.uncond = cond, uncond
         self.space: PredictionSpace = self._resolve_space()

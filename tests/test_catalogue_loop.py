@@ -236,3 +236,14 @@ def test_adaptive_guidance_refuses_sampler_coupled_inner():
     with pytest.raises(gk.ConfigError, match=r"inner: expected a prediction-combining strategy"):
         gk.AdaptiveGuidance(gk.Ramp(gk.CFGPlusPlus()))
     assert gk.AdaptiveGuidance().space == "x0" and gk.AdaptiveGuidance(gk.TCFG()).space == "native"
+
+
+def test_combinators_must_forward_cfgpp_renoising():
+    adapter = gk.samplers.adapt(GM.as_model("eps"), "eps")
+    den = gk.guided(adapter, gk.Ramp(gk.CFGPlusPlus(0.5)), LABELS, UNCONDS)  # schedules forward the hook
+    assert den.strategy.renoise_prediction(LABELS, UNCONDS, None) is UNCONDS
+    for hiding in (gk.Interval(gk.CFGPlusPlus()), gk.Rescale(gk.TVCFG(gk.CFGPlusPlus()))):
+        with pytest.raises(
+            gk.ConfigError, match=r"strategy: expected (Interval|Rescale) to forward renoise_prediction"
+        ):
+            gk.guided(adapter, hiding, LABELS, UNCONDS)
