@@ -28,7 +28,7 @@ from .samplers.adapters import ModelAdapter, NativeModel, VPModel, adapt
 from .samplers.base import Denoised, Generator, SamplerStep, StepInfo
 from .samplers.conversions import convert, to_x0, x_for_space
 from .samplers.schedules import flow_sigmas, karras_sigmas, vp_sigmas
-from .strategies.base import GuidanceStrategy
+from .strategies.base import GuidanceStrategy, nested_strategies, sampler_coupled
 from .strategies.cfg import CFG
 
 __all__ = ["GuidedDenoiser", "StepRecord", "guided", "sample"]
@@ -115,22 +115,16 @@ def _split(t: Tensor, b: int) -> tuple[Tensor, Tensor]:
     return t[:b], t[b:]
 
 
-def _nested(strategy: Any) -> list[GuidanceStrategy]:
-    """The strategies held in ``strategy``'s attributes (a combinator's ``inner``)."""
-    values = vars(strategy).values() if hasattr(strategy, "__dict__") else ()
-    return [v for v in values if isinstance(v, GuidanceStrategy)]
-
-
 def _requires_weak_model(strategy: Any) -> bool:
     """Whether ``strategy`` or a strategy nested in it sets ``requires_weak_model`` (AutoGuidance)."""
-    return bool(getattr(strategy, "requires_weak_model", False)) or any(map(_requires_weak_model, _nested(strategy)))
+    return bool(getattr(strategy, "requires_weak_model", False)) or any(
+        map(_requires_weak_model, nested_strategies(strategy))
+    )
 
 
 def _check_renoise_forwarded(strategy: Any) -> None:
     """Refuse a combinator that hides a sampler-coupled strategy's re-noising (CFG++ inside Interval, ...)."""
-    from .strategies.scheduled import sampler_coupled
-
-    for child in _nested(strategy):
+    for child in nested_strategies(strategy):
         if sampler_coupled(child) and not callable(getattr(strategy, "renoise_prediction", None)):
             raise ConfigError(
                 f"strategy: expected {type(strategy).__name__} to forward renoise_prediction, since it wraps the "

@@ -238,12 +238,54 @@ def test_adaptive_guidance_refuses_sampler_coupled_inner():
     assert gk.AdaptiveGuidance().space == "x0" and gk.AdaptiveGuidance(gk.TCFG()).space == "native"
 
 
+_CFGPP = gk.CFGPlusPlus()
+
+
+@dataclass(frozen=True)
+class Hiding(gk.GuidanceStrategy):
+    """A third-party combinator that wraps a strategy but forgets the loop hooks."""
+
+    inner: gk.GuidanceStrategy = _CFGPP
+
+    def combine(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: gk.GuidanceContext) -> Tensor:
+        return self.inner.combine(pred_cond, pred_uncond, ctx)
+
+
 def test_combinators_must_forward_cfgpp_renoising():
     adapter = gk.samplers.adapt(GM.as_model("eps"), "eps")
     den = gk.guided(adapter, gk.Ramp(gk.CFGPlusPlus(0.5)), LABELS, UNCONDS)  # schedules forward the hook
     assert den.strategy.renoise_prediction(LABELS, UNCONDS, None) is UNCONDS
-    for hiding in (gk.Interval(gk.CFGPlusPlus()), gk.Rescale(gk.TVCFG(gk.CFGPlusPlus()))):
-        with pytest.raises(
-            gk.ConfigError, match=r"strategy: expected (Interval|Rescale) to forward renoise_prediction"
-        ):
+    for hiding in (Hiding(), gk.Rescale(Hiding(gk.TVCFG(gk.CFGPlusPlus())))):
+        with pytest.raises(gk.ConfigError, match=r"strategy: expected Hiding to forward renoise_prediction"):
             gk.guided(adapter, hiding, LABELS, UNCONDS)
+    assert not gk.strategies.base.sampler_coupled(gk.Interval(gk.CFG()))  # hooks alone do not couple
+
+
+@settings(max_examples=6)
+@given(st.integers(2, 8), st.integers(0, 99))
+def test_interval_and_rescale_carry_cfgpp_renoising(steps, seed):
+    kw = dict(sampler="ddim", steps=steps, cond=LABELS, uncond=UNCONDS, prediction="eps", progress=False)
+    model = GM.as_model("eps")
+    plain = gk.sample(model, x_T(seed), strategy=gk.CFGPlusPlus(0.6), **kw)
+    everywhere = gk.sample(model, x_T(seed), strategy=gk.Interval(gk.CFGPlusPlus(0.6), 0.0, None), **kw)
+    assert torch.equal(everywhere, plain)
+    never = gk.sample(model, x_T(seed), strategy=gk.Interval(gk.CFGPlusPlus(0.6), 1e6, None), **kw)
+    assert torch.equal(never, gk.sample(model, x_T(seed), strategy=gk.CFG(1.0), **kw))
+    rescaled = gk.sample(model, x_T(seed), strategy=gk.Rescale(gk.CFGPlusPlus(0.6), phi=0.0), **kw)
+    assert torch.equal(rescaled, plain)
+
+
+def test_interval_forwards_zero_init_skips():
+    calls = []
+    flow_model = GM.as_model("flow")
+
+    def counted(x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+        calls.append(x.shape[0])
+        return flow_model(x, t, labels)
+
+    adapter = gk.samplers.adapt(counted, "flow")
+    strategy = gk.Interval(gk.CFGZeroStar(4.0, zero_init_steps=2), 0.0, None)
+    den = gk.guided(adapter, strategy, LABELS, UNCONDS)
+    sigmas = gk.samplers.flow_sigmas(6)
+    gk.samplers.sample_flow_euler(den, adapter.initial_x(x_T(2), sigmas[0]), sigmas)
+    assert len(calls) == 4 and [r.model_called for r in den.records] == [False, False, True, True, True, True]

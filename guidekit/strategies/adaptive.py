@@ -14,9 +14,8 @@ from ..errors import ConfigError
 from ..functional_extra import per_sample_cosine
 from ..layout import append_dims
 from ..registry import STRATEGIES
-from .base import GuidanceStrategy
+from .base import GuidanceStrategy, sampler_coupled
 from .cfg import CFG
-from .scheduled import sampler_coupled
 
 __all__ = ["AdaptiveGuidance"]
 

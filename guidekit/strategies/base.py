@@ -13,7 +13,7 @@ from ..context import GuidanceContext, StrategySpace
 from ..functional import check_finite, check_pair
 from ..registry import STRATEGIES
 
-__all__ = ["GuidanceStrategy"]
+__all__ = ["GuidanceStrategy", "nested_strategies", "sampler_coupled"]
 
 
 class GuidanceStrategy(Component, ABC):
@@ -99,3 +99,20 @@ def _check_output(out: Tensor, pred_cond: Tensor, pred_uncond: Tensor) -> None:
     check_finite(pred_cond, "pred_cond")
     check_finite(pred_uncond, "pred_uncond")
     check_finite(out, "guided output")
+
+
+def nested_strategies(strategy: object) -> list[GuidanceStrategy]:
+    """The strategies a combinator holds in its attributes (``Interval.inner``, ...); ``[]`` for a leaf."""
+    values = vars(strategy).values() if hasattr(strategy, "__dict__") else ()
+    return [v for v in values if isinstance(v, GuidanceStrategy)]
+
+
+def sampler_coupled(strategy: GuidanceStrategy) -> bool:
+    """Whether ``strategy`` re-noises along its own direction (CFG++), itself or through its combinators.
+
+    A combinator is coupled when a strategy it wraps is; it then has to forward ``renoise_prediction``.
+    """
+    children = nested_strategies(strategy)
+    if children:
+        return any(sampler_coupled(child) for child in children)
+    return callable(getattr(strategy, "renoise_prediction", None))

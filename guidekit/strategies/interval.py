@@ -155,6 +155,22 @@ class Interval(GuidanceStrategy):
         mask = inside.to(pred_cond.device).reshape(-1, *([1] * (pred_cond.ndim - 1)))
         return torch.where(mask, guided, pred_cond), _merge_state(inside, new_state, state)
 
+    # -- loop hooks of sampler-coupled and zero-init inner strategies (CFG++, CFG-Zero*) --------------
+    def skips_model(self, ctx: GuidanceContext) -> bool:
+        """The inner strategy's zero-init skip, only when every sample is inside (one forward serves all)."""
+        hook = getattr(self.inner, "skips_model", None)
+        return hook is not None and bool(self.inside(ctx).all()) and bool(hook(ctx))
+
+    def renoise_prediction(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor | None:
+        """Inside: the inner strategy's re-noise direction (CFG++'s ``u``); outside: ``pred_cond``'s own."""
+        hook = getattr(self.inner, "renoise_prediction", None)
+        inside = self._inside_batch(ctx, pred_cond)
+        direction = hook(pred_cond, pred_uncond, ctx) if hook is not None and bool(inside.any()) else None
+        if direction is None or bool(inside.all()):
+            return direction
+        mask = inside.to(pred_cond.device).reshape(-1, *([1] * (pred_cond.ndim - 1)))
+        return torch.where(mask, direction, pred_cond)
+
     def scale_map(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor | None:
         inside = self._inside_batch(ctx, pred_cond)
         ones = pred_cond.new_ones((pred_cond.shape[0],) + (1,) * (pred_cond.ndim - 1))

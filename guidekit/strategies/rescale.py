@@ -74,3 +74,13 @@ class Rescale(GuidanceStrategy):
         if self.phi == 0.0 or guided is pred_cond:
             return guided, state
         return rescale_std(guided, pred_cond, self.phi), state
+
+    # -- loop hooks of sampler-coupled and zero-init inner strategies (CFG++, CFG-Zero*) --------------
+    def skips_model(self, ctx: GuidanceContext) -> bool:
+        hook = getattr(self.inner, "skips_model", None)
+        return hook is not None and bool(hook(ctx))
+
+    def renoise_prediction(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor | None:
+        """The inner strategy's re-noise direction: rescaling changes the guided x0, not the re-noising."""
+        hook = getattr(self.inner, "renoise_prediction", None)
+        return None if hook is None else hook(pred_cond, pred_uncond, ctx)

@@ -13,7 +13,7 @@ from ..context import GuidanceContext, StrategySpace
 from ..errors import ConfigError
 from .base import GuidanceStrategy
 
-__all__ = ["ScheduledScale", "sampler_coupled", "slice_context"]
+__all__ = ["ScheduledScale", "slice_context"]
 
 
 def slice_context(ctx: GuidanceContext, index: Tensor) -> GuidanceContext:
@@ -24,13 +24,6 @@ def slice_context(ctx: GuidanceContext, index: Tensor) -> GuidanceContext:
         return v[index] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == b else v
 
     return ctx.replace(sigma=ctx.sigma[index], sigma_next=take(ctx.sigma_next), x=take(ctx.x))
-
-
-def sampler_coupled(strategy: GuidanceStrategy) -> bool:
-    """Whether ``strategy`` re-noises along its own direction (CFG++), itself or under schedule combinators."""
-    if isinstance(strategy, ScheduledScale):
-        return sampler_coupled(strategy.inner)
-    return callable(getattr(strategy, "renoise_prediction", None))
 
 
 class ScheduledScale(GuidanceStrategy):
