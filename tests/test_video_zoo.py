@@ -143,6 +143,26 @@ def test_translated_clip_has_zero_motion_compensated_difference(seed: int, shift
         assert float(motion_compensated_difference(clip, max_shift=0).max()) > 0
 
 
+@settings(max_examples=30)
+@given(
+    seed=SEEDS,
+    gain=st.floats(0.1, 10.0),
+    offset=st.floats(-3.0, 3.0),
+    layout=st.sampled_from(["b c f h w", "b f c h w"]),
+)
+def test_relative_difference_ignores_contrast(seed: int, gain: float, offset: float, layout: str) -> None:
+    g = torch.Generator().manual_seed(seed)
+    clip = torch.rand((2, 2, 4, 9, 9), generator=g, dtype=torch.float64)
+    if layout == "b f c h w":
+        clip = clip.transpose(1, 2)
+    absolute = motion_compensated_difference(clip, 1, layout)
+    torch.testing.assert_close(motion_compensated_difference(gain * clip + offset, 1, layout), gain**2 * absolute)
+    relative = motion_compensated_difference(clip, 1, layout, relative=True)
+    torch.testing.assert_close(motion_compensated_difference(gain * clip + offset, 1, layout, relative=True), relative)
+    canonical = clip if layout == "b c f h w" else clip.transpose(1, 2)
+    torch.testing.assert_close(motion_compensated_difference(canonical, 1, relative=True), relative)
+
+
 @settings(max_examples=20)
 @given(seed=SEEDS, frames=st.integers(2, 6), classes=st.integers(2, 5))
 def test_class_flicker_and_switches(seed: int, frames: int, classes: int) -> None:
@@ -252,3 +272,16 @@ def test_video_demo_command_line(tmp_path, capsys) -> None:
     assert main(argv) == 0
     assert "| samg-frame |" in capsys.readouterr().out
     assert (out / "cfg.gif").exists()
+
+
+def test_guidekit_demo_video(tmp_path, capsys) -> None:
+    from guidekit.cli import main as cli_main
+
+    out = tmp_path / "cli"
+    argv = ["demo", "--video", "--out", str(out), "--per-class", "1", "--steps", "1", "--only", "cfg", "samg-frame"]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| samg-frame |" in printed and "| apg |" not in printed
+    assert sorted(p.name for p in out.glob("*.gif")) == ["cfg.gif", "real.gif", "samg-frame.gif"]
+    assert cli_main(["demo", "--video", "--out", str(out), "--only", "nope"]) == 2
+    assert "--only: expected names among" in capsys.readouterr().err

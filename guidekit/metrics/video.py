@@ -62,13 +62,19 @@ def frames_of(video: Tensor, layout: str = "b c f h w") -> Tensor:
     return x.transpose(1, 2).reshape(b * f, c, h, w)
 
 
-def motion_compensated_difference(video: Tensor, max_shift: int = 2, layout: str = "b c f h w") -> Tensor:
+def motion_compensated_difference(
+    video: Tensor, max_shift: int = 2, layout: str = "b c f h w", relative: bool = False
+) -> Tensor:
     """Per clip ``(b,)``: mean over consecutive frame pairs of ``min_s MSE(frame_{t+1}, shift_s(frame_t))``.
 
     ``s`` ranges over integer shifts ``(dy, dx)`` with ``|dy|, |dx| <= max_shift``. Both frames are compared
     on the interior that every shift keeps inside the frame (a border of ``max_shift`` pixels is dropped),
     so nothing is padded or wrapped. A clip whose frames are integer translates (by at most ``max_shift``)
     of one image with an empty border scores exactly 0; a static clip scores 0 for any ``max_shift``.
+
+    With ``relative=True`` each pair's error is divided by the mean pixel variance of its two frames, which
+    makes the score invariant to affine intensity changes ``a x + b`` of the clip: a guidance strategy that
+    only raises contrast does not look less consistent for it.
     """
     x = _clips(video, layout).to(torch.float64)
     b, _, f, h, w = x.shape
@@ -87,6 +93,9 @@ def motion_compensated_difference(video: Tensor, max_shift: int = 2, layout: str
             # content at p in frame t moves to p + (dy, dx) in frame t+1
             moved = prev[..., s - dy : h - s - dy, s - dx : w - s - dx]
             best = torch.minimum(best, (target - moved).square().mean(dim=(1, 3, 4)))
+    if relative:
+        var = x.var(dim=(1, 3, 4), unbiased=False)  # (b, f) per-frame variance over channels and pixels
+        best = best / ((var[:, 1:] + var[:, :-1]) / 2).clamp_min(1e-12)
     return best.mean(dim=1)
 
 
@@ -177,6 +186,7 @@ def video_metrics(
     * ``fd``: Fréchet distance of per-frame features against the reference frames (compare only at equal
       numbers of clips);
     * ``mc_diff`` and ``mc_ratio``: motion-compensated frame difference, and its ratio to the real clips';
+      ``mc_rel``: the same relative to frame variance (``relative=True``; blind to contrast changes);
     * ``flicker`` and ``flicker_ratio``: :func:`class_flicker` and its ratio to the real clips';
       ``switch``: :func:`label_switch_rate`;
     * ``over_share``, ``over_mean``: :func:`guidekit.metrics.overshoot` of the raw values (share of
@@ -191,6 +201,7 @@ def video_metrics(
     f = x.shape[2]
     frame_labels = labels.to(probs.device).repeat_interleave(f)
     mc = float(motion_compensated_difference(shown, reference.max_shift).mean())
+    mc_rel = float(motion_compensated_difference(shown, reference.max_shift, relative=True).mean())
     flick = float(class_flicker(probs).mean())
     over_share, over_mean = overshoot(x)
     return {
@@ -200,6 +211,7 @@ def video_metrics(
         "fd": frechet_distance(features, reference.features),
         "mc_diff": mc,
         "mc_ratio": mc / reference.mc_diff if reference.mc_diff > 0 else float("inf"),
+        "mc_rel": mc_rel,
         "flicker": flick,
         "flicker_ratio": flick / reference.flicker if reference.flicker > 0 else float("inf"),
         "switch": float(label_switch_rate(probs).mean()),

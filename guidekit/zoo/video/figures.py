@@ -63,7 +63,8 @@ def _rounded(metrics: dict[str, float]) -> dict[str, float]:
 def denoiser_figures(model: VideoDenoiser, classifier: FrameClassifier) -> dict[str, Any]:
     """Denoising error per sigma, and sample metrics (conditional only and CFG 3) against 200 real clips."""
     reference, _ = real_reference(classifier)
-    full, check = EvalSetting(per_class=10), EvalSetting(per_class=2, steps=8)
+    full = EvalSetting(per_class=10, steps=16, sampler="heun")
+    check = EvalSetting(per_class=2, steps=8, sampler="heun")
     samples = {
         name: _rounded(evaluate(model, classifier, reference, strategy, full)[0])
         for name, strategy in (("cond", None), ("cfg3", CFG(3.0)))

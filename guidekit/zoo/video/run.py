@@ -45,8 +45,8 @@ def sample_clips(
     labels: Tensor,
     strategy: GuidanceStrategy | Mapping[str, Any] | str | None = None,
     *,
-    steps: int = 16,
-    sampler: str = "heun",
+    steps: int = 20,
+    sampler: str = "euler",
     seed: int = 0,
     layout: str = "b c f h w",
     batch_size: int = 50,
@@ -89,8 +89,8 @@ class EvalSetting:
     """One evaluation run: how many clips, how they are sampled."""
 
     per_class: int = 10
-    steps: int = 16
-    sampler: str = "heun"
+    steps: int = 20
+    sampler: str = "euler"
     seed: int = 0
     layout: str = "b c f h w"
 

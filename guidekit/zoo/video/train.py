@@ -11,23 +11,33 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..store import write_checkpoint
+from ..store import CHECKPOINT_DIR, write_checkpoint
 from .classifier import FrameClassifier
 from .data import MotionConfig, make_clips
 from .model import VideoDenoiser, VideoDenoiserConfig
 
-__all__ = ["ClassifierRecipe", "DenoiserRecipe", "edm_loss", "main", "train_classifier", "train_denoiser"]
+__all__ = [
+    "ClassifierRecipe",
+    "DenoiserRecipe",
+    "edm_loss",
+    "main",
+    "refresh_figures",
+    "train_classifier",
+    "train_denoiser",
+]
 
 P_MEAN, P_STD = -1.2, 1.2
 """EDM's log-normal training distribution of sigma (Karras et al. 2022, Table 1)."""
@@ -148,8 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="checkpoint directory (default: the package's)")
     parser.add_argument("--steps", type=int, default=DenoiserRecipe.steps, help="denoiser training steps")
     parser.add_argument("--classifier-steps", type=int, default=ClassifierRecipe.steps)
+    parser.add_argument("--figures-only", action="store_true", help="re-measure the shipped weights, no training")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.figures_only:
+        return refresh_figures(args.out)
     command = "python -m guidekit.zoo.video.train " + " ".join(argv if argv is not None else sys.argv[1:])
 
     start, cpu = time.perf_counter(), time.process_time()
@@ -186,6 +199,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     write_checkpoint(denoiser, "video_denoiser", d_record, args.out)
     print(f"denoiser: {d_record['figures']}  ({d_seconds:.0f} s)")
+    return 0
+
+
+def refresh_figures(directory: str | Path | None = None) -> int:
+    """Re-measure the shipped checkpoints with the current metrics and rewrite only their ``figures``."""
+    from . import CLASSIFIER, DENOISER, load_classifier, load_denoiser
+    from .figures import classifier_figures, denoiser_figures
+
+    base = Path(directory) if directory is not None else CHECKPOINT_DIR
+    classifier, denoiser = load_classifier(directory), load_denoiser(directory)
+    for name, figures in ((CLASSIFIER, classifier_figures(classifier)), (DENOISER, None)):
+        path = base / f"{name}.json"
+        record = json.loads(path.read_text())
+        record["figures"] = figures if figures is not None else denoiser_figures(denoiser, classifier)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"{name}: {record['figures']}")
     return 0
 
 
