@@ -132,6 +132,32 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def figure(path: Path, scale: float = 3.0, classes: int = 5, steps: int = 20) -> None:
+    """One PNG: for ``classes`` digits (rows), real test clips then each strategy at ``scale`` (blocks of 8
+    frames), all strategies from the same noise (seed 0)."""
+    from PIL import Image, ImageDraw
+
+    from guidekit.zoo.video.demo import _grid, _to_uint8
+
+    model = video.load_denoiser()
+    labels = torch.arange(classes)
+    blocks = {"real": video.make_clips(classes, seed=1000, split="test", labels=labels).video}
+    for name, strategy in demo_strategies(scale).items():
+        blocks[name] = video.sample_clips(model, labels, strategy, steps=steps, seed=0)
+    zoom, gap, head, per_row = 3, 8, 14, 3
+    tiles = {name: _grid(_to_uint8(v).reshape(-1, 16, 16), 8) for name, v in blocks.items()}
+    h, w = next(iter(tiles.values())).shape
+    rows = -(-len(tiles) // per_row)
+    canvas = Image.new("L", (per_row * (w * zoom + gap) - gap, rows * (h * zoom + head + gap) - gap), 255)
+    draw = ImageDraw.Draw(canvas)
+    for i, (name, tile) in enumerate(tiles.items()):
+        x, y = (i % per_row) * (w * zoom + gap), (i // per_row) * (h * zoom + head + gap)
+        canvas.paste(Image.fromarray(tile).resize((w * zoom, h * zoom), Image.NEAREST), (x, y + head))
+        draw.text((x + 2, y + 1), name if name == "real" else f"{name} w={scale:g}", fill=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -140,8 +166,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--sampler", default="euler")
     parser.add_argument("--out", default=str(ROOT / "results" / "bench_video.json"))
+    parser.add_argument("--figure", metavar="PNG", help="only draw the frame-strip figure (docs/img/...)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.figure:
+        figure(Path(args.figure))
+        return
     result = sweep(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
