@@ -73,6 +73,28 @@ def test_requested_labels_come_from_their_class(seed: int, labels: list[int]) ->
     assert sprite_labels[clips.source].tolist() == labels
 
 
+def test_motion_config_shapes_the_clips() -> None:
+    clips = video.make_clips(2, seed=0, motion=video.MotionConfig(frames=4, size=12, centre=(5.0, 7.0)))
+    assert clips.video.shape == (2, 1, 4, 12, 12)
+    still = video.make_clips(2, seed=0, motion=video.MotionConfig(centre=(8.0, 8.0), scale=(1, 1), brightness=(1, 1)))
+    assert float(motion_compensated_difference(still.video).max()) == 0.0  # no motion, no drift: a static clip
+
+
+def test_bad_data_arguments_name_themselves() -> None:
+    with pytest.raises(ConfigError, match="frames: expected an int >= 2, got 1"):
+        video.MotionConfig(frames=1)
+    with pytest.raises(ConfigError, match=r"scale: expected \(lo, hi\) with lo <= hi, got \(2.0, 1.0\)"):
+        video.MotionConfig(scale=(2.0, 1.0))
+    with pytest.raises(ConfigError, match="brightness: expected a range inside"):
+        video.MotionConfig(brightness=(0.5, 1.5))
+    with pytest.raises(ConfigError, match="n: expected a positive int, got 0"):
+        video.make_clips(0, seed=0)
+    with pytest.raises(ConfigError, match="split: expected 'train' or 'test', got 'val'"):
+        video.make_clips(2, seed=0, split="val")
+    with pytest.raises(ConfigError, match=r"labels: expected 2 classes in 0..9, got \[3, 12\]"):
+        video.make_clips(2, seed=0, labels=torch.tensor([3, 12]))
+
+
 def test_train_and_test_source_digits_are_disjoint() -> None:
     train, _ = video.digit_sprites("train")
     test, _ = video.digit_sprites("test")
