@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -181,13 +182,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", default="b c f h w", choices=("b c f h w", "b f c h w"))
     parser.add_argument("--reference-clips", type=int, default=200, help="real test clips in the reference")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, see docs)")
+
+
+@contextmanager
+def _threads(threads: int) -> Iterator[None]:
+    """Run with ``threads`` torch threads (small 3-D convolutions: one is fastest on a busy CPU), then restore."""
+    if not (isinstance(threads, int) and threads >= 1):
+        raise ConfigError(f"--threads: expected an integer >= 1, got {threads!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the demo from parsed :func:`add_arguments` options and print the table."""
-    torch.set_num_threads(1)
     setting = EvalSetting(args.per_class, args.steps, args.sampler, args.seed, args.layout)
-    rows = run_video_demo(args.out, demo_strategies(args.scale), setting, args.reference_clips)
+    with _threads(args.threads):
+        rows = run_video_demo(args.out, demo_strategies(args.scale), setting, args.reference_clips)
     print(_table(rows), end="")
     print(f"wrote GIFs, frame strips and metrics to {args.out}/")
     return 0
@@ -206,9 +221,9 @@ def run_from_demo_args(args: argparse.Namespace) -> int:
         if unknown:
             raise ConfigError(f"--only: expected names among {sorted(strategies)} with --video, got {unknown}")
         strategies = {name: strategies[name] for name in args.only}
-    torch.set_num_threads(args.threads or 1)  # small 3-D convolutions: one thread is fastest on a busy CPU
     setting = EvalSetting(args.per_class, args.steps, args.sampler, args.seeds[0])
-    rows = run_video_demo(args.out, strategies, setting, progress=not args.quiet)
+    with _threads(args.threads):
+        rows = run_video_demo(args.out, strategies, setting, progress=not args.quiet)
     if not args.quiet:
         print(_table(rows), end="")
         print(f"wrote GIFs, frame strips and metrics to {args.out}/")
