@@ -18,7 +18,6 @@ model's numbers with those of real clips (:func:`video_metrics` reports both and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -28,9 +27,9 @@ from ..layout import to_canonical
 from .classify import class_accuracy
 from .frechet import frechet_distance
 from .pixels import overshoot
+from .suite import FeatureClassifier
 
 __all__ = [
-    "FrameClassifier",
     "VideoReference",
     "class_flicker",
     "frames_of",
@@ -39,12 +38,6 @@ __all__ = [
     "video_metrics",
     "video_reference",
 ]
-
-
-class FrameClassifier(Protocol):
-    """A per-frame evaluation network: ``features_and_logits(frames (n, c, h, w)) -> ((n, d), (n, k))``."""
-
-    def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]: ...
 
 
 def _clips(video: Tensor, layout: str) -> Tensor:
@@ -141,7 +134,7 @@ class VideoReference:
     max_shift: int = 2
 
 
-def _embed(classifier: FrameClassifier, video: Tensor, batch_size: int = 1024) -> tuple[Tensor, Tensor]:
+def _embed(classifier: FeatureClassifier, video: Tensor, batch_size: int = 1024) -> tuple[Tensor, Tensor]:
     """Per-frame ``(features (b*f, d), probabilities (b, f, k))`` of clips ``(b, c, f, h, w)``."""
     b, f = video.shape[0], video.shape[2]
     feats, logits = [], []
@@ -155,7 +148,7 @@ def _embed(classifier: FrameClassifier, video: Tensor, batch_size: int = 1024) -
 
 
 def video_reference(
-    classifier: FrameClassifier, video: Tensor, max_shift: int = 2, layout: str = "b c f h w"
+    classifier: FeatureClassifier, video: Tensor, max_shift: int = 2, layout: str = "b c f h w"
 ) -> VideoReference:
     """Embed real clips (in ``[-1, 1]``) as the reference of :func:`video_metrics`."""
     x = _clips(video, layout)
@@ -172,7 +165,7 @@ def video_reference(
 def video_metrics(
     samples: Tensor,
     labels: Tensor,
-    classifier: FrameClassifier,
+    classifier: FeatureClassifier,
     reference: VideoReference,
     layout: str = "b c f h w",
 ) -> dict[str, float]:
