@@ -100,6 +100,21 @@ def test_apg_corrector_reuses_the_steps_buffer_without_advancing():
     assert torch.allclose(out, apg_from_delta(c2, (c2 - u2) - 0.5 * state.running, 5.0, 0.0, 15.0))
 
 
+def test_apg_corrector_is_the_same_under_either_state_convention():
+    """The guided loop hands a corrector the start-of-step state; a hand-written loop may hand it the
+    predictor's. Both must combine with the buffer the step started from (a Heun bug otherwise)."""
+    s = gk.APG(scale=5.0, momentum=-0.5)
+    (c0, u0), (c1, u1), (c2, u2) = sequence(3)
+    start = s.init_state(c0)
+    _, start = s.step(c0, u0, ctx_at(2.0, 2, step=0), start)  # state at the start of step 1
+    _, after_predictor = s.step(c1, u1, ctx_at(1.0, 2, step=1), start)
+    corrector = ctx_at(0.5, 2, step=1, substep=1)
+    from_start, _ = s.step(c2, u2, corrector, start)
+    from_predictor, _ = s.step(c2, u2, corrector, after_predictor)
+    assert torch.equal(from_start, from_predictor)
+    assert torch.allclose(from_start, apg_from_delta(c2, (c2 - u2) - 0.5 * start.running, 5.0, 0.0, 15.0))
+
+
 def test_apg_scale_one_needs_no_uncond_and_keeps_state():
     s = gk.APG(scale=1.0)
     c, u = make_pair((2, 3, 4, 4), seed=2)

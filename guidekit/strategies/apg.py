@@ -23,14 +23,17 @@ SDXL_NUMEL = 4 * 128 * 128
 
 @dataclass(frozen=True)
 class MomentumState:
-    """APG's explicit state: the momentum buffer after the last step and the one before it.
+    """APG's explicit state: the momentum buffer after step ``step`` and the one that step started from.
 
-    ``running`` feeds the next step's predictor evaluation; ``before_step`` is what the current step
-    started from, so a corrector evaluation (``substep > 0``) reuses it instead of counting the step twice.
+    ``running`` feeds the next step's predictor evaluation. A corrector evaluation (``substep > 0``) of
+    step ``i`` combines with the buffer step ``i`` started from, whichever state it is handed: the
+    predictor's (``step == i``: use ``before_step``) or, as the guided loop does, the start-of-step one
+    (``step < i``: use ``running``). Either way the step is counted once.
     """
 
     running: Tensor
     before_step: Tensor
+    step: int = -1
 
 
 @STRATEGIES.register("apg")
@@ -119,9 +122,10 @@ class APG(GuidanceStrategy):
         delta = upcast(pred_cond) - upcast(pred_uncond, upcast(pred_cond).dtype)
         if ctx.substep == 0:
             running = momentum_update(delta, state.running, self.momentum, inplace=True)
-            state = MomentumState(running=running, before_step=state.running)
+            state = MomentumState(running=running, before_step=state.running, step=ctx.step)
         else:
-            running = momentum_update(delta, state.before_step, self.momentum, inplace=True)
+            start = state.before_step if state.step == ctx.step else state.running
+            running = momentum_update(delta, start, self.momentum, inplace=True)
         return apg_from_delta(pred_cond, running, self.scale, self.eta, self.norm_threshold), state
 
 
