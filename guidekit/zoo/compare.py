@@ -59,7 +59,8 @@ class Bench(ABC):
 
     ``quality`` names the distance to the reference (lower is better) and ``fidelity`` the class
     fidelity (higher is better, at most 1); ``columns`` are all reported metrics in order;
-    ``reference_name`` says what :meth:`reference_images` shows.
+    ``reference_name`` says what :meth:`reference_images` shows. One seed gives one noise tensor, so
+    every strategy run at that seed starts from the same noise (paired comparisons).
     """
 
     name: str
@@ -68,6 +69,9 @@ class Bench(ABC):
     reference_name: str
     columns: tuple[str, ...]
     num_classes: int
+    event_shape: tuple[int, ...]
+    model: Any
+    """A native ``model(x, t, labels)`` for :func:`guidekit.sample`."""
 
     def labels(self, per_class: int) -> Tensor:
         """``per_class`` samples of every class, class-major: ``0, 0, ..., 1, 1, ...``."""
@@ -102,9 +106,6 @@ class Bench(ABC):
         return Run(strategy, seed, samples, labels, metrics, records)
 
     # -- what a bench provides --------------------------------------------------------------------------
-    event_shape: tuple[int, ...]
-    model: Any
-
     @abstractmethod
     def _branches(self, strategy: GuidanceStrategy, labels: Tensor) -> dict[str, Any]:
         """``cond``, ``uncond`` (and ``weak_model``, ``prediction``, ``alphas_cumprod``) for :func:`sample`."""
