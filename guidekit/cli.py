@@ -204,7 +204,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Retrain the embedded digits models (``python -m guidekit.zoo.train``)."""
     from .zoo.train import main as train_main
 
-    return train_main(args.train_args)
+    return train_main(args.train_args)  # reached only through build_parser() users; main() delegates first
 
 
 # -- parser --------------------------------------------------------------------------------------------
@@ -252,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``guidekit`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # every option belongs to the training script (argparse's REMAINDER drops "-h")
+        from .zoo.train import main as train_main
+
+        return train_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -172,3 +172,20 @@ def test_console_script_is_installed() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == "guidekit.cli:main" and "linear" in done.stdout
+
+
+def test_train_writes_loadable_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from guidekit import zoo
+
+    argv = ["train", "--out", str(tmp_path), "--steps", "2", "--weak-steps", "2", "--classifier-epochs", "1"]
+    assert main([*argv, "--no-eval"]) == 0
+    assert "held-out accuracy" in capsys.readouterr().out
+    record = zoo.checkpoint_record("digits_denoiser", tmp_path)
+    assert record["training_command"] == "python -m guidekit.zoo.train " + " ".join([*argv[1:], "--no-eval"])
+    assert record["recipe"]["steps"] == 2 and "held_out" not in record
+    model = zoo.load_denoiser(tmp_path)
+    assert model.prediction == "eps" and not any(p.requires_grad for p in model.parameters())
+    assert zoo.load_weak_denoiser(tmp_path).channels == (16, 32)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0 and "--weak-steps" in capsys.readouterr().out

@@ -178,7 +178,7 @@ def _record(kind: str, recipe: Any, data: DigitsSplit, command: str, seconds: fl
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Train the classifier, the denoiser and the weak denoiser; write checkpoints and records."""
-    from .store import CHECKPOINT_DIR, write_checkpoint
+    from .store import CHECKPOINT_DIR
 
     parser = argparse.ArgumentParser(prog="python -m guidekit.zoo.train", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(CHECKPOINT_DIR), help="checkpoint folder (default: the package's)")
@@ -188,7 +188,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--classifier-epochs", type=int, default=ClassifierRecipe.epochs)
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out sampling figures")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # reproducible and fastest for these small nets
+    try:
+        return _train_all(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_all(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    from .store import write_checkpoint
+
     command = " ".join(["python -m guidekit.zoo.train", *(sys.argv[1:] if argv is None else argv)])
     data = load_digits()
 
