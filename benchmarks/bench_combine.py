@@ -24,18 +24,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import re
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from _docs import DOC, replace_section
 
 import guidekit as gk
 
 SHAPES: tuple[tuple[int, ...], ...] = ((2, 4, 128, 128), (1, 16, 13, 60, 90))
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 SECTION = "## Combine overhead"
 TARGETS = {"CFG / copy": 2.0, "APG / diffusers APG": 0.5, "SAMG / CFG": 3.0}
 
@@ -153,10 +151,7 @@ def write_section(table: str, rounds: int) -> None:
         "tensor (4.5 MB each) no longer fits the per-core L2.\n\n"
         f"{table}\n"
     )
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: body + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
-    DOC.write_text(text.rstrip("\n") + "\n")
+    replace_section(SECTION, body)
 
 
 def main() -> None:

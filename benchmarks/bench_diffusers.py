@@ -28,21 +28,19 @@ import argparse
 import datetime
 import logging
 import platform
-import re
 import statistics
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
+from _docs import DOC, replace_section
 
 import guidekit as gk
 from guidekit.integrations import diffusers as gkd
 from guidekit.integrations.diffusers.tiny import TINY_FAMILIES, tiny_pipeline
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 SECTION = "## diffusers integration"
 SCALE = 4.0
 
@@ -168,10 +166,7 @@ def write_section(table: str, steps: int, rounds: int) -> None:
         "forwards per step (cond, then uncond) become one batched forward.\n\n"
         f"{table}\n"
     )
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: body + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
-    DOC.write_text(text.rstrip("\n") + "\n")
+    replace_section(SECTION, body)
 
 
 def main() -> None:

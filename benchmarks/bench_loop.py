@@ -20,19 +20,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import re
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from _docs import replace_section
 
 import guidekit as gk
 from guidekit.oracle import GaussianMixture, energy_distance
 from guidekit.samplers import VPModel, karras_sigmas
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 SECTION = "## Sampling loop"
 F64 = torch.float64
 
@@ -186,10 +184,7 @@ def write_section(quality: str, overhead: str) -> None:
         "the loop also permutes to the canonical layout and back on every call.\n\n"
         f"{overhead}\n"
     )
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: body + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
-    DOC.write_text(text.rstrip("\n") + "\n")
+    replace_section(SECTION, body)
 
 
 def main() -> None:
