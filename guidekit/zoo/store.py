@@ -33,10 +33,7 @@ def write_checkpoint(module: nn.Module, name: str, record: dict[str, Any], direc
 def read_record(name: str, directory: Path | str | None = None) -> dict[str, Any]:
     """The JSON record of checkpoint ``name`` (training command, seed, split, measured figures)."""
     _, meta = _paths(name, directory)
-    if not meta.exists():
-        raise FileNotFoundError(
-            f"checkpoint {name!r}: expected {meta}, which does not exist (retrain with `python -m guidekit.zoo.train`)"
-        )
+    _require(name, meta)
     return json.loads(meta.read_text())
 
 
@@ -45,10 +42,13 @@ def read_weights(module: nn.Module, name: str, directory: Path | str | None = No
     from safetensors.torch import load_file
 
     weights, _ = _paths(name, directory)
-    if not weights.exists():
-        raise FileNotFoundError(
-            f"checkpoint {name!r}: expected {weights}, which does not exist "
-            "(retrain with `python -m guidekit.zoo.train`)"
-        )
+    _require(name, weights)
     module.load_state_dict(load_file(str(weights)))
     return module.eval().requires_grad_(False)
+
+
+def _require(name: str, path: Path) -> None:
+    """A missing checkpoint file names the command that retrains it (image or video zoo)."""
+    if not path.exists():
+        command = "python -m guidekit.zoo.video.train" if name.startswith("video") else "python -m guidekit.zoo.train"
+        raise FileNotFoundError(f"checkpoint {name!r}: expected {path}, which does not exist (retrain: `{command}`)")
