@@ -54,7 +54,7 @@ def image_grid(rows: Sequence[tuple[str, Tensor]], path: Path, title: str = "") 
     fig_w, fig_h = margin + img_w + 0.2, img_h + (0.55 if title else 0.2)
     fig = plt.figure(figsize=(fig_w, fig_h))
     ax = fig.add_axes((margin / fig_w, 0.1 / fig_h, img_w / fig_w, img_h / fig_h))
-    ax.imshow((canvas + 1) / 2, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest", aspect="equal")
+    ax.imshow(((canvas + 1) / 2).numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest", aspect="equal")
     ax.set_xticks([])
     ax.set_yticks([i * (height + gap) + (height - 1) / 2 for i in range(len(rows))])
     ax.set_yticklabels([label for label, _ in rows], fontsize=8)
@@ -136,12 +136,12 @@ def scale_map_strip(
     image = None
     for r, idx in enumerate(indices):
         for c, rec in enumerate(shown):
-            image = axes[r, c].imshow(maps[c, r], cmap="magma", vmin=lo, vmax=hi, interpolation="nearest")
+            image = axes[r, c].imshow(maps[c, r].numpy(), cmap="magma", vmin=lo, vmax=hi, interpolation="nearest")
             if r == 0:
                 axes[r, c].set_title(f"step {rec.step}\nσ={rec.sigma:.2g}", fontsize=7)
         final = samples[idx].float().clamp(-1, 1)
         final = final.reshape(-1, *final.shape[-2:])[0]
-        axes[r, -1].imshow((final + 1) / 2, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+        axes[r, -1].imshow(((final + 1) / 2).numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
         name = f"sample {idx}" if labels is None else f"sample {idx}\n(class {int(labels[idx])})"
         axes[r, 0].set_ylabel(name, fontsize=7)
         if r == 0:
