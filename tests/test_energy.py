@@ -71,10 +71,17 @@ def test_delta_squared_is_channel_reduction_of_squared_delta(pair, reduce):
     torch.testing.assert_close(e, ref, rtol=1e-12, atol=0)
 
 
+def _fixed_x_like(c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A seeded x_t on the predictions' scale: hypothesis needs determinism, and the references go through
+    ``x - x0``, which loses digits to cancellation when x dwarfs the predictions."""
+    size = max(float(c.abs().max()), float(u.abs().max()), 1e-30)
+    return size * torch.randn(c.shape, dtype=c.dtype, generator=torch.Generator().manual_seed(0))
+
+
 @given(pair=pred_pairs(), sigma=sigmas(), space=st.sampled_from(["eps", "v", "flow", "x0"]))
 def test_x0_energy_equals_energy_of_explicitly_converted_predictions(pair, sigma, space):
     c, u = pair
-    x = torch.randn_like(c)
+    x = _fixed_x_like(c, u)
     ref = DeltaSquared()(to_x0(c, x, sigma, space), to_x0(u, x, sigma, space), ctx_for(c, space="x0"))
     got = X0DeltaSquared()(c, u, ctx_for(c, sigma, space))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-12 * float(ref.max()))
@@ -83,10 +90,7 @@ def test_x0_energy_equals_energy_of_explicitly_converted_predictions(pair, sigma
 @given(pair=pred_pairs(), sigma=sigmas(), space=st.sampled_from(["v", "flow", "x0"]))
 def test_delta_score_is_minus_delta_eps_over_sigma_in_every_space(pair, sigma, space):
     c, u = pair
-    # a fixed x (hypothesis needs determinism) on the predictions' scale: the reference below goes through
-    # x - x0, which loses digits to cancellation when x dwarfs the predictions
-    size = max(float(c.abs().max()), float(u.abs().max()), 1e-30)
-    x = size * torch.randn(c.shape, dtype=c.dtype, generator=torch.Generator().manual_seed(0))
+    x = _fixed_x_like(c, u)
     eps_c, eps_u = ((x - to_x0(p, x, sigma, space)) / sigma for p in (c, u))
     ref = ((-(eps_c - eps_u) / sigma) ** 2).mean(1, keepdim=True)
     got = DeltaScore()(c, u, ctx_for(c, sigma, space))
