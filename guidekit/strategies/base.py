@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -13,7 +13,7 @@ from ..context import GuidanceContext, StrategySpace
 from ..functional import check_finite, check_pair
 from ..registry import STRATEGIES
 
-__all__ = ["GuidanceStrategy", "nested_strategies", "sampler_coupled"]
+__all__ = ["Combinator", "GuidanceStrategy", "nested_strategies", "sampler_coupled"]
 
 
 class GuidanceStrategy(Component, ABC):
@@ -86,6 +86,47 @@ class GuidanceStrategy(Component, ABC):
         return a ``(b, 1, *spatial)`` map; the guided loop records it when asked to.
         """
         return None
+
+
+class Combinator(GuidanceStrategy):
+    """A strategy around an ``inner`` one (Interval, Rescale, schedules).
+
+    Space, state, ``needs_uncond`` and the loop hooks (CFG++'s ``renoise_prediction``, CFG-Zero*'s
+    ``skips_model``) delegate to ``inner``; subclasses declare the ``inner`` dataclass field, implement
+    :meth:`combine_step` and override only what they change.
+    """
+
+    if TYPE_CHECKING:
+        inner: GuidanceStrategy
+
+    @property  # type: ignore[override]
+    def space(self) -> StrategySpace:  # type: ignore[override]
+        return self.inner.space
+
+    def needs_uncond(self, ctx: GuidanceContext) -> bool:
+        return self.inner.needs_uncond(ctx)
+
+    def needs_uncond_state(self, ctx: GuidanceContext, state: Any) -> bool:
+        return self.inner.needs_uncond_state(ctx, state)
+
+    def init_state(self, like: Tensor) -> Any:
+        return self.inner.init_state(like)
+
+    def combine(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor:
+        return self.combine_step(pred_cond, pred_uncond, ctx, self.init_state(pred_cond))[0]
+
+    @abstractmethod
+    def combine_step(
+        self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext, state: Any
+    ) -> tuple[Tensor, Any]: ...
+
+    def skips_model(self, ctx: GuidanceContext) -> bool:
+        hook = getattr(self.inner, "skips_model", None)
+        return hook is not None and bool(hook(ctx))
+
+    def renoise_prediction(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor | None:
+        hook = getattr(self.inner, "renoise_prediction", None)
+        return None if hook is None else hook(pred_cond, pred_uncond, ctx)
 
 
 def _check_output(out: Tensor, pred_cond: Tensor, pred_uncond: Tensor) -> None:

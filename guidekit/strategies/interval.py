@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..context import GuidanceContext, StrategySpace
+from ..context import GuidanceContext
 from ..errors import ConfigError, ShapeError
 from ..registry import STRATEGIES
-from .base import GuidanceStrategy
+from .base import Combinator, GuidanceStrategy
 from .cfg import CFG
 
 __all__ = ["Interval"]
@@ -25,7 +25,7 @@ _DEFAULT_INNER = CFG(2.0)  # frozen, so one shared default instance is safe
 
 @STRATEGIES.register("interval")
 @dataclass(frozen=True)
-class Interval(GuidanceStrategy):
+class Interval(Combinator):
     """Apply ``inner`` only for ``sigma_lo < sigma <= sigma_hi`` (Kynkäänniemi et al., NeurIPS 2024, arXiv 2404.07724).
 
     Outside the interval the result is ``pred_cond`` itself (bit-identical) and :meth:`needs_uncond` is
@@ -118,10 +118,6 @@ class Interval(GuidanceStrategy):
         return self.sigma_lo / (1.0 + self.sigma_lo), hi
 
     # -- the rule --------------------------------------------------------------------------------
-    @property  # type: ignore[override]
-    def space(self) -> StrategySpace:  # type: ignore[override]
-        return self.inner.space
-
     def inside(self, ctx: GuidanceContext) -> Tensor:
         """``(b,)`` bool: which samples of this evaluation are guided."""
         sigma = ctx.sigma
@@ -136,12 +132,6 @@ class Interval(GuidanceStrategy):
 
     def needs_uncond_state(self, ctx: GuidanceContext, state: Any) -> bool:
         return bool(self.inside(ctx).any()) and self.inner.needs_uncond_state(ctx, state)
-
-    def init_state(self, like: Tensor) -> Any:
-        return self.inner.init_state(like)
-
-    def combine(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor:
-        return self.combine_step(pred_cond, pred_uncond, ctx, self.inner.init_state(pred_cond))[0]
 
     def combine_step(
         self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext, state: Any

@@ -12,7 +12,7 @@ from ..context import GuidanceContext, StrategySpace
 from ..errors import ConfigError
 from ..functional import rescale_std
 from ..registry import STRATEGIES
-from .base import GuidanceStrategy
+from .base import Combinator, GuidanceStrategy
 from .cfg import CFG
 
 __all__ = ["Rescale"]
@@ -23,7 +23,7 @@ _DEFAULT_INNER = CFG(7.5)  # frozen, so one shared default instance is safe
 
 @STRATEGIES.register("rescale")
 @dataclass(frozen=True)
-class Rescale(GuidanceStrategy):
+class Rescale(Combinator):
     """Guidance rescale around any strategy (Lin, Liu, Li & Yang, WACV 2024, arXiv 2305.08891, §3.4).
 
     ``ĝ = inner(c, u)``, then per sample ``out = φ · ĝ · std(c)/std(ĝ) + (1 - φ) · ĝ``
@@ -55,18 +55,6 @@ class Rescale(GuidanceStrategy):
     def space(self) -> StrategySpace:  # type: ignore[override]
         return "native" if self.inner.space == "any" else self.inner.space
 
-    def needs_uncond(self, ctx: GuidanceContext) -> bool:
-        return self.inner.needs_uncond(ctx)
-
-    def needs_uncond_state(self, ctx: GuidanceContext, state: Any) -> bool:
-        return self.inner.needs_uncond_state(ctx, state)
-
-    def init_state(self, like: Tensor) -> Any:
-        return self.inner.init_state(like)
-
-    def combine(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor:
-        return self.combine_step(pred_cond, pred_uncond, ctx, self.inner.init_state(pred_cond))[0]
-
     def combine_step(
         self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext, state: Any
     ) -> tuple[Tensor, Any]:
@@ -74,13 +62,3 @@ class Rescale(GuidanceStrategy):
         if self.phi == 0.0 or guided is pred_cond:
             return guided, state
         return rescale_std(guided, pred_cond, self.phi), state
-
-    # -- loop hooks of sampler-coupled and zero-init inner strategies (CFG++, CFG-Zero*) --------------
-    def skips_model(self, ctx: GuidanceContext) -> bool:
-        hook = getattr(self.inner, "skips_model", None)
-        return hook is not None and bool(hook(ctx))
-
-    def renoise_prediction(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor | None:
-        """The inner strategy's re-noise direction: rescaling changes the guided x0, not the re-noising."""
-        hook = getattr(self.inner, "renoise_prediction", None)
-        return None if hook is None else hook(pred_cond, pred_uncond, ctx)

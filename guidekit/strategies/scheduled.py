@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..context import GuidanceContext, StrategySpace
+from ..context import GuidanceContext
 from ..errors import ConfigError
-from .base import GuidanceStrategy
+from .base import Combinator, GuidanceStrategy
 
 __all__ = ["ScheduledScale", "slice_context"]
 
@@ -26,7 +26,7 @@ def slice_context(ctx: GuidanceContext, index: Tensor) -> GuidanceContext:
     return ctx.replace(sigma=ctx.sigma[index], sigma_next=take(ctx.sigma_next), x=take(ctx.x))
 
 
-class ScheduledScale(GuidanceStrategy):
+class ScheduledScale(Combinator):
     """Base of the schedule combinators: ``inner`` with its ``scale`` replaced by :meth:`scale_at`.
 
     Subclasses are frozen dataclasses with an ``inner`` field (any strategy with a ``scale`` parameter:
@@ -72,21 +72,11 @@ class ScheduledScale(GuidanceStrategy):
         return groups
 
     # -- the strategy ----------------------------------------------------------------------------
-    @property  # type: ignore[override]
-    def space(self) -> StrategySpace:  # type: ignore[override]
-        return self.inner.space
-
     def needs_uncond(self, ctx: GuidanceContext) -> bool:
         return any(s.needs_uncond(c) for _, s, c in self._groups(ctx))
 
     def needs_uncond_state(self, ctx: GuidanceContext, state: Any) -> bool:
         return any(s.needs_uncond_state(c, state) for _, s, c in self._groups(ctx))
-
-    def init_state(self, like: Tensor) -> Any:
-        return self.inner.init_state(like)
-
-    def combine(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor:
-        return self.combine_step(pred_cond, pred_uncond, ctx, self.inner.init_state(pred_cond))[0]
 
     def combine_step(
         self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext, state: Any
@@ -103,15 +93,6 @@ class ScheduledScale(GuidanceStrategy):
         for index, strategy, sub in groups:
             out[index] = strategy.combine(pred_cond[index], pred_uncond[index], sub)
         return out, state
-
-    # -- loop hooks of sampler-coupled and zero-init inner strategies (CFG++, CFG-Zero*) --------------
-    def skips_model(self, ctx: GuidanceContext) -> bool:
-        hook = getattr(self.inner, "skips_model", None)
-        return False if hook is None else bool(hook(ctx))
-
-    def renoise_prediction(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor | None:
-        hook = getattr(self.inner, "renoise_prediction", None)
-        return None if hook is None else hook(pred_cond, pred_uncond, ctx)
 
     def scale_map(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor | None:
         groups = self._groups(ctx)
