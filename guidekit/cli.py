@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,21 +107,6 @@ def _finish(comparison: Any, out: Path, quiet: bool) -> None:
         print("\nwrote " + ", ".join(str(p) for p in [out / "metrics.txt", *paths.values()]))
 
 
-@contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
-    """Run with ``threads`` torch CPU threads, restoring the previous number afterwards."""
-    import torch
-
-    if threads < 1:
-        raise CLIError(f"--threads: expected an integer >= 1, got {threads}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 # -- commands ------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     """Every registered strategy over a small sweep of strengths on the embedded digits model."""
@@ -133,6 +117,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .zoo.compare import DigitsBench
     from .zoo.report import Entry, run_comparison
     from .zoo.sweeps import default_sweeps
+    from .zoo.threads import torch_threads
 
     out = _writable(args.out)
     settings = _settings(args)
@@ -143,7 +128,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"{settings.per_class * 10} samples each, {settings.sampler} {settings.steps} steps")  # fmt: skip
         for name, why in skipped.items():
             print(f"  skipped {name}: {why}")
-    with _torch_threads(args.threads):
+    with torch_threads(args.threads):
         comparison = run_comparison(
             DigitsBench(), entries, settings, args.seeds, progress=not args.quiet, skip_failures=True
         )
@@ -161,6 +146,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .config import build, load_spec
     from .zoo.compare import DigitsBench, GMMBench
     from .zoo.report import Entry, run_comparison
+    from .zoo.threads import torch_threads
 
     strategies = [parse_strategy(s) for s in args.strategy or []]
     for path in args.spec or []:
@@ -170,7 +156,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = _writable(args.out)
     settings = _settings(args)
     entries = [Entry.of(s) for s in strategies]
-    with _torch_threads(args.threads):
+    with torch_threads(args.threads):
         bench = GMMBench() if args.model == "gmm" else DigitsBench()
         comparison = run_comparison(bench, entries, settings, args.seeds, progress=not args.quiet)
     _finish(comparison, out, args.quiet)

@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from ...energy import MinMax
 from ...errors import ConfigError
 from ...metrics.video import video_metrics
 from ...strategies import APG, CFG, SAMG, GuidanceStrategy, Interval
+from ..threads import torch_threads
 from .data import make_clips
 from .run import EvalSetting, balanced_labels, real_reference, sample_clips
 
@@ -185,23 +185,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, see docs)")
 
 
-@contextmanager
-def _threads(threads: int) -> Iterator[None]:
-    """Run with ``threads`` torch threads (small 3-D convolutions: one is fastest on a busy CPU), then restore."""
-    if not (isinstance(threads, int) and threads >= 1):
-        raise ConfigError(f"--threads: expected an integer >= 1, got {threads!r}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the demo from parsed :func:`add_arguments` options and print the table."""
     setting = EvalSetting(args.per_class, args.steps, args.sampler, args.seed, args.layout)
-    with _threads(args.threads):
+    with torch_threads(args.threads):
         rows = run_video_demo(args.out, demo_strategies(args.scale), setting, args.reference_clips)
     print(_table(rows), end="")
     print(f"wrote GIFs, frame strips and metrics to {args.out}/")
@@ -222,7 +209,7 @@ def run_from_demo_args(args: argparse.Namespace) -> int:
             raise ConfigError(f"--only: expected names among {sorted(strategies)} with --video, got {unknown}")
         strategies = {name: strategies[name] for name in args.only}
     setting = EvalSetting(args.per_class, args.steps, args.sampler, args.seeds[0])
-    with _threads(args.threads):
+    with torch_threads(args.threads):
         rows = run_video_demo(args.out, strategies, setting, progress=not args.quiet)
     if not args.quiet:
         print(_table(rows), end="")
