@@ -2,7 +2,8 @@
 
 Each component class is a frozen dataclass; its fields *are* its params. A strict pydantic model per
 class is derived from the dataclass fields (cached), so there is one source of truth. Fields typed as a
-component (``Interval.inner``, ``SAMG.energy``, ``SAMG.mapper``) take nested specs.
+component (``Interval.inner``, ``SAMG.energy``, ``SAMG.mapper``) take nested specs. ``ComponentSpec`` and
+``to_spec`` (the object -> spec direction) live in :mod:`guidekit.component` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
-from .component import Component
+from .component import Component, ComponentSpec, _fields, to_spec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,15 +28,6 @@ else:  # pragma: no cover
 from .errors import ConfigError
 
 __all__ = ["ComponentSpec", "build", "load_spec", "params_model", "to_spec"]
-
-
-class ComponentSpec(BaseModel):
-    """``{"name": ..., "params": {...}}``: a registered component and its constructor arguments."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str
-    params: dict[str, Any] = {}
 
 
 SpecLike = ComponentSpec | dict[str, Any] | str
@@ -58,19 +50,6 @@ def _component_base(tp: Any) -> tuple[type[Component] | None, bool]:
     if isinstance(tp, type) and issubclass(tp, Component):
         return tp, False
     return None, False
-
-
-def _field_type(cls: type, f: dataclasses.Field[Any]) -> Any:
-    """Resolve one field's annotation in the module of the class that declared it."""
-    if not isinstance(f.type, str):
-        return f.type
-    owner = next(k for k in cls.__mro__ if f.name in vars(k).get("__annotations__", {}))
-    return eval(f.type, dict(vars(sys.modules[owner.__module__])))
-
-
-@cache
-def _fields(cls: type) -> tuple[tuple[dataclasses.Field[Any], Any], ...]:
-    return tuple((f, _field_type(cls, f)) for f in dataclasses.fields(cls) if f.init)
 
 
 @cache
@@ -171,26 +150,6 @@ def build(spec: SpecLike, registry: Any = None, *, where: str = "spec") -> Any:
         return cls(**kwargs)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Component):
-        return to_spec(value).model_dump()
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    return value
-
-
-def to_spec(obj: Any) -> ComponentSpec:
-    """The spec that :func:`build` turns back into an equal object (``build(to_spec(x)) == x``)."""
-    name = getattr(type(obj), "registry_name", None)
-    if name is None or not dataclasses.is_dataclass(obj):
-        raise ConfigError(
-            f"obj: expected a registered dataclass component, got {type(obj).__name__} "
-            "(register it with @STRATEGIES.register(name) or similar)"
-        )
-    params = {f.name: _plain(getattr(obj, f.name)) for f, _ in _fields(type(obj))}
-    return ComponentSpec(name=name, params=params)
 
 
 def load_spec(path: str | Path) -> ComponentSpec:

@@ -7,7 +7,15 @@ Built-ins register in code (``@STRATEGIES.register("cfg")``). Third parties decl
     my-strategy = "my_package.module:MyStrategy"
 
 Entry points are read on the first miss (or by :meth:`Registry.names`), never at import. A plugin that
-fails to load is reported by name in a :class:`PluginWarning` and remembered; the others keep working.
+fails to load, even with ``SystemExit``, is reported by name in a :class:`PluginWarning` and remembered;
+the others keep working. A misspelled name is answered from the entry points' *names*: no plugin is
+imported to suggest one.
+
+**One canonical name per object.** The first name an object is registered under is its canonical name
+(``registry_name`` on a class, what :func:`guidekit.to_spec` writes). Registering it again under another
+name adds an *alias*: the alias builds the same object, and saved specs keep the canonical name.
+:meth:`Registry.unregister` of a canonical name removes the object with its aliases; specs that name it
+then fail with an error saying it was unregistered.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import difflib
 import fnmatch
 import importlib
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 import importlib_metadata
@@ -36,6 +44,7 @@ __all__ = [
 
 T = TypeVar("T")
 EntryPoints = Callable[[str], Iterable[Any]]
+Accepts = Callable[["Registry[Any]", Any], bool]
 
 
 class PluginWarning(UserWarning):
@@ -46,6 +55,29 @@ def _entry_points(group: str) -> Iterable[Any]:
     return importlib_metadata.entry_points(group=group)
 
 
+def component_of_group(registry: Registry[Any], obj: Any) -> bool:
+    """A component class whose base declares ``registry`` (``GuidanceStrategy.registry = STRATEGIES``),
+    or a factory function (a callable that is not a component)."""
+    if isinstance(obj, type):
+        return getattr(obj, "registry", None) is registry
+    return plain_callable(registry, obj)
+
+
+def plain_callable(registry: Registry[Any], obj: Any) -> bool:
+    """A callable that is not a component class or instance (samplers, scale functions)."""
+    return callable(obj) and getattr(obj, "registry", None) is None
+
+
+def _describe(obj: Any) -> str:
+    """``obj`` for a message: ``the strategy class CFG``, ``int 3``."""
+    kind = getattr(getattr(obj, "registry", None), "kind", None)
+    if isinstance(obj, type):
+        return f"the {kind} class {obj.__qualname__}" if kind else f"the class {obj.__qualname__}"
+    if kind:
+        return f"a {kind} instance {obj!r}"
+    return f"{type(obj).__name__} {obj!r}"
+
+
 class Registry(Generic[T]):
     """A registry of named components for one entry-point ``group``.
 
@@ -54,6 +86,9 @@ class Registry(Generic[T]):
         kind: what the entries are, for messages (``"strategy"``).
         builtins: modules imported on first use that register the built-in entries.
         entry_points: ``group -> iterable of entry points``; injectable for tests.
+        accepts: ``(registry, obj) -> bool``, what the group takes (every object when ``None``); code
+            registering anything else gets a :class:`ConfigError`, a plugin a :class:`PluginWarning`.
+        expects: what ``accepts`` takes, for those messages.
     """
 
     def __init__(
@@ -62,13 +97,23 @@ class Registry(Generic[T]):
         kind: str,
         builtins: tuple[str, ...] = (),
         entry_points: EntryPoints = _entry_points,
+        *,
+        accepts: Accepts | None = None,
+        expects: str = "",
     ) -> None:
         self.group = group
         self.kind = kind
         self._builtins = builtins
         self._entry_points = entry_points
+        self._accepts = accepts
+        self._expects = expects or f"a {kind}"
         self._items: dict[str, T] = {}
         self._origin: dict[str, str] = {}
+        self._aliases: dict[str, str] = {}
+        """Alias -> canonical name."""
+        self._canonical: dict[int, str] = {}
+        """``id(obj)`` -> its canonical name (the registry holds ``obj``, so the id stays valid)."""
+        self._unregistered: set[str] = set()
         self._builtins_loaded = not builtins
         self._plugins_scanned = False
         self.broken: dict[str, str] = {}
@@ -78,30 +123,62 @@ class Registry(Generic[T]):
     def register(self, name: str, obj: T | None = None, *, override: bool = False, origin: str = "code"):
         """Register ``obj`` under ``name``; without ``obj`` return a decorator.
 
-        Raises :class:`ConfigError` if ``name`` is taken (unless ``override=True``).
+        An object registered already under another name gets ``name`` as an alias: the alias resolves
+        to it and its canonical name (the one :func:`guidekit.to_spec` writes) stays. Raises
+        :class:`ConfigError` if ``name`` is taken by another object (unless ``override=True``) or if
+        the group does not take ``obj``.
         """
 
         def add(item: T) -> T:
-            if not isinstance(name, str) or not name:
-                raise ConfigError(f"name: expected a non-empty string, got {name!r}")
-            if name in self._items and not override and self._items[name] is not item:
-                raise ConfigError(
-                    f"{self.kind} name {name!r} is already registered (by {self._origin[name]}); "
-                    "pass override=True to replace it"
-                )
+            self._check(name, item)
+            current = self._resolve(name)
+            if current is not None and self._items[current] is item:
+                return item  # the same object again is harmless
+            if current is not None:
+                if not override:
+                    taken = f"an alias of {current!r}" if name in self._aliases else "registered"
+                    raise ConfigError(
+                        f"{self.kind} name {name!r} is already {taken} (by {self._origin[current]}); "
+                        "pass override=True to replace it"
+                    )
+                self.unregister(name)
+            self._unregistered.discard(name)
+            canonical = self._canonical.get(id(item))
+            if canonical is not None:
+                self._aliases[name] = canonical
+                return item
             self._items[name] = item
             self._origin[name] = origin
-            if isinstance(item, type):
-                # the name a class is built from; read back by to_spec()
+            self._canonical[id(item)] = name
+            if isinstance(item, type) and "registry_name" not in vars(item):
+                # the name a class is built from; read back by to_spec() (never inherited by subclasses)
                 item.registry_name = name  # type: ignore[attr-defined]
             return item
 
         return add if obj is None else add(obj)
 
+    def _check(self, name: object, item: object) -> None:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"name: expected a non-empty string, got {name!r}")
+        if self._accepts is not None and not self._accepts(self, item):
+            raise ConfigError(f"{self.kind} {name!r}: expected {self._expects}, got {_describe(item)}")
+
     def unregister(self, name: str) -> None:
-        """Remove ``name`` (tests and interactive use)."""
-        self._items.pop(name, None)
-        self._origin.pop(name, None)
+        """Remove ``name`` (tests and interactive use); a canonical name takes its aliases with it."""
+        if self._aliases.pop(name, None) is not None or name not in self._items:
+            return
+        item = self._items.pop(name)
+        del self._origin[name], self._canonical[id(item)]
+        self._aliases = {a: c for a, c in self._aliases.items() if c != name}
+        if isinstance(item, type) and vars(item).get("registry_name") == name:
+            del item.registry_name  # type: ignore[attr-defined]
+        self._unregistered.add(name)
+
+    def _resolve(self, name: str) -> str | None:
+        """The canonical name ``name`` stands for among the loaded entries, or ``None``."""
+        if name in self._items:
+            return name
+        return self._aliases.get(name)
 
     # -- lookup ------------------------------------------------------------------------------------
     def _load_builtins(self) -> None:
@@ -110,25 +187,30 @@ class Registry(Generic[T]):
             for module in self._builtins:
                 importlib.import_module(module)
 
+    def _skip_plugin(self, ep: Any, why: str) -> None:
+        """Remember why the plugin ``ep`` cannot be used and warn, naming it."""
+        self.broken[ep.name] = why
+        warnings.warn(
+            f"guidekit plugin {ep.name!r} ({ep.value}) in group {self.group!r} {why}; it is skipped",
+            PluginWarning,
+            stacklevel=4,
+        )
+
     def _load_entry_point(self, ep: Any) -> None:
         try:
             obj = ep.load()
-        except Exception as exc:  # a plugin may fail in any way; report it by name and go on
-            why = f"{type(exc).__name__}: {exc}"
-            self.broken[ep.name] = why
-            warnings.warn(
-                f"guidekit plugin {ep.name!r} ({ep.value}) in group {self.group!r} failed to load and is "
-                f"skipped: {why}",
-                PluginWarning,
-                stacklevel=3,
-            )
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a plugin may fail in any way, SystemExit included: name it, go on
+            self._skip_plugin(ep, f"failed to load: {type(exc).__name__}: {exc}")
             return
-        if ep.name in self._items and self._items[ep.name] is not obj:
-            why = f"name clashes with the {self.kind} registered by {self._origin[ep.name]}"
-            self.broken[ep.name] = why
-            warnings.warn(f"guidekit plugin {ep.name!r} ({ep.value}) skipped: {why}", PluginWarning, stacklevel=3)
-            return
-        self.register(ep.name, obj, origin=f"plugin {ep.value}")
+        current = self._resolve(ep.name)
+        if current is not None and self._items[current] is not obj:
+            self._skip_plugin(ep, f"clashes with the {self.kind} registered by {self._origin[current]}")
+        elif self._accepts is not None and not self._accepts(self, obj):
+            self._skip_plugin(ep, f"registers the wrong kind of object: expected {self._expects}, got {_describe(obj)}")
+        else:
+            self.register(ep.name, obj, origin=f"plugin {ep.value}")
 
     def _scan_plugins(self, only: str | None = None) -> None:
         if self._plugins_scanned:
@@ -143,30 +225,49 @@ class Registry(Generic[T]):
             self._plugins_scanned = True
 
     def get(self, name: str) -> T:
-        """The component registered as ``name``, loading built-ins and then plugins on a miss."""
+        """The component registered as ``name`` (or an alias), loading built-ins, then that plugin on a miss."""
         self._load_builtins()
-        if name not in self._items:
+        if self._resolve(name) is None:
             self._scan_plugins(only=name)
-        if name in self._items:
-            return self._items[name]
+        canonical = self._resolve(name)
+        if canonical is not None:
+            return self._items[canonical]
         if name in self.broken:
-            raise PluginError(f"{self.kind} {name!r} comes from a plugin that failed to load: {self.broken[name]}")
-        known = self.names()
+            raise PluginError(f"{self.kind} {name!r} comes from a plugin that {self.broken[name]}")
+        known = self._known_names()
         close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UnknownNameError(f"unknown {self.kind} {name!r}{hint} Known {self.kind} names: {', '.join(known)}")
+        gone = " (it was unregistered; register it again to build specs that name it)"
+        raise UnknownNameError(
+            f"unknown {self.kind} {name!r}{gone if name in self._unregistered else ''}{hint} "
+            f"Known {self.kind} names: {', '.join(known)}"
+        )
+
+    def _known_names(self) -> list[str]:
+        """Loaded names, aliases and the names of entry points not loaded yet: no plugin is imported."""
+        declared = {ep.name for ep in self._entry_points(self.group)} - set(self.broken)
+        return sorted(set(self._items) | set(self._aliases) | declared)
 
     def names(self, pattern: str | None = None) -> list[str]:
-        """Sorted registered names (built-ins and every loadable plugin), optionally glob-filtered."""
+        """Sorted canonical names (built-ins and every loadable plugin), optionally glob-filtered.
+
+        Aliases are left out, so that each object is listed once (:meth:`aliases` has them).
+        """
         self._load_builtins()
         self._scan_plugins()
         names = sorted(self._items)
         return [n for n in names if fnmatch.fnmatchcase(n, pattern)] if pattern else names
 
+    def aliases(self) -> dict[str, str]:
+        """Alias -> the canonical name it resolves to."""
+        self._load_builtins()
+        self._scan_plugins()
+        return dict(sorted(self._aliases.items()))
+
     def origin(self, name: str) -> str:
-        """Where ``name`` came from: ``"code"`` or ``"plugin <module:attr>"``."""
+        """Where ``name`` came from: ``"code"`` or ``"plugin <module:attr>"`` (an alias: its object's)."""
         self.get(name)
-        return self._origin[name]
+        return self._origin[self._resolve(name) or name]
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
@@ -177,7 +278,7 @@ class Registry(Generic[T]):
             return False
         return True
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
@@ -187,11 +288,45 @@ class Registry(Generic[T]):
         return f"Registry(group={self.group!r}, loaded={sorted(self._items)})"
 
 
-STRATEGIES: Registry[Any] = Registry("guidekit.strategies", "strategy", builtins=("guidekit.strategies",))
-ENERGY: Registry[Any] = Registry("guidekit.energy", "energy estimator", builtins=("guidekit.energy",))
-TRANSFORMS: Registry[Any] = Registry("guidekit.transforms", "energy transform", builtins=("guidekit.energy",))
-MAPPERS: Registry[Any] = Registry("guidekit.mappers", "scale mapper", builtins=("guidekit.energy",))
-SAMPLERS: Registry[Any] = Registry("guidekit.samplers", "sampler", builtins=("guidekit.samplers",))
+def _class_or_factory(base: str) -> str:
+    return f"a subclass of {base} or a factory function"
+
+
+STRATEGIES: Registry[Any] = Registry(
+    "guidekit.strategies",
+    "strategy",
+    ("guidekit.strategies",),
+    accepts=component_of_group,
+    expects=_class_or_factory("gk.GuidanceStrategy"),
+)
+ENERGY: Registry[Any] = Registry(
+    "guidekit.energy",
+    "energy estimator",
+    ("guidekit.energy",),
+    accepts=component_of_group,
+    expects=_class_or_factory("guidekit.energy.EnergyEstimator"),
+)
+TRANSFORMS: Registry[Any] = Registry(
+    "guidekit.transforms",
+    "energy transform",
+    ("guidekit.energy",),
+    accepts=component_of_group,
+    expects=_class_or_factory("guidekit.energy.EnergyTransform"),
+)
+MAPPERS: Registry[Any] = Registry(
+    "guidekit.mappers",
+    "scale mapper",
+    ("guidekit.energy",),
+    accepts=component_of_group,
+    expects=_class_or_factory("guidekit.energy.ScaleMapper"),
+)
+SAMPLERS: Registry[Any] = Registry(
+    "guidekit.samplers",
+    "sampler",
+    ("guidekit.samplers",),
+    accepts=plain_callable,
+    expects="a sampler function (denoiser, x, sigmas, ...) -> x",
+)
 
 REGISTRIES: dict[str, Registry[Any]] = {
     "strategies": STRATEGIES,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,19 @@ def test_params_models_are_strict_and_carry_defaults() -> None:
     assert model().model_dump() == {"scale": 15.0, "eta": 0.0, "norm_threshold": 15.0, "momentum": -0.5}
     nested = params_model(gk.Interval)().model_dump()
     assert nested["inner"] == {"name": "cfg", "params": {"scale": 2.0}}
+
+
+def test_to_spec_refuses_an_unregistered_subclass_instead_of_writing_its_base() -> None:
+    @dataclass(frozen=True)
+    class LoudCFG(gk.CFG):
+        pass
+
+    with pytest.raises(
+        ConfigError,
+        match=r"obj: expected a registered dataclass component, got LoudCFG, an unregistered subclass of CFG "
+        r"\(registered as 'cfg'\) whose spec would rebuild as CFG",
+    ):
+        gk.to_spec(LoudCFG(3.0))
+    with pytest.raises(ConfigError, match=r"got LoudCFG"):
+        gk.to_spec(gk.Interval(LoudCFG(3.0)))  # nested too
+    assert gk.to_spec(gk.CFG(3.0)).name == "cfg"
