@@ -7,7 +7,7 @@ CFG(scale=7.5)
 
 from __future__ import annotations
 
-from . import energy, functional, layout, strategies
+from . import energy, ops, strategies
 from .config import ComponentSpec, build, load_spec, to_spec
 from .context import GuidanceContext
 from .errors import (
@@ -77,10 +77,9 @@ __all__ = [
     "UnknownNameError",
     "build",
     "energy",
-    "functional",
     "guided",
-    "layout",
     "load_spec",
+    "ops",
     "sample",
     "strategies",
     "to_spec",

@@ -8,16 +8,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["GuidanceContext", "PredictionSpace", "StrategySpace", "x0_delta_scale"]
+from .ops.spaces import PredictionSpace
 
-PredictionSpace = Literal["x0", "eps", "v", "flow"]
-"""What a prediction tensor means.
-
-* ``x0``: the denoised sample (Karras' ``D(x; sigma)``).
-* ``eps``: the noise (VP and EDM/VE share it).
-* ``v``: VP v-prediction ``alpha * eps - sigma_vp * x0`` (needs ``alpha^2 + sigma_vp^2 = 1``).
-* ``flow``: rectified-flow velocity ``eps - x0`` (diffusers' ``FlowMatchEulerDiscreteScheduler``).
-"""
+__all__ = ["GuidanceContext", "PredictionSpace", "StrategySpace"]
 
 StrategySpace = Literal["any", "native", "x0", "eps", "v", "flow"]
 """Where a strategy's math is defined. ``any``: linear in the predictions, so every space gives the same
@@ -69,23 +62,3 @@ class GuidanceContext:
     def replace(self, **changes: object) -> GuidanceContext:
         """A copy with some fields changed (``dataclasses.replace``)."""
         return replace(self, **changes)  # type: ignore[arg-type]
-
-
-def x0_delta_scale(space: PredictionSpace, sigma: Tensor) -> Tensor:
-    """Per-sample ``k`` with ``Δx0 = k · Δpred`` at a fixed ``x_t`` (methods.md §2).
-
-    Every conversion between spaces is affine with coefficients shared by the conditional and the
-    unconditional prediction, so a *difference* of predictions converts by one scalar per sample:
-    eps ``-sigma``; VP v ``-sigma / sqrt(1 + sigma^2)``; flow ``-t = -sigma / (1 + sigma)``; x0 ``1``.
-    """
-    sigma = sigma.to(torch.float32)
-    if space == "x0":
-        return torch.ones_like(sigma)
-    if space == "eps":
-        return -sigma
-    # written in 1/sigma so that sigma = inf (flow t = 1, zero terminal SNR) gives the limit -1, not NaN
-    if space == "v":
-        return -torch.rsqrt(1.0 + torch.reciprocal(sigma * sigma))
-    if space == "flow":
-        return -torch.reciprocal(1.0 + torch.reciprocal(sigma))
-    raise ValueError(f"space: expected one of 'x0', 'eps', 'v', 'flow', got {space!r}")

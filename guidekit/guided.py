@@ -23,11 +23,11 @@ from torch import Tensor
 from .config import ComponentSpec, build
 from .context import GuidanceContext, PredictionSpace
 from .errors import ConfigError, ShapeError
+from .ops.spaces import convert, to_x0, x_for_space
+from .ops.timesteps import flow_sigmas, karras_sigmas, vp_sigmas
 from .registry import SAMPLERS
 from .samplers.adapters import ModelAdapter, NativeModel, VPModel, adapt
 from .samplers.base import Denoised, Generator, SamplerStep, StepInfo
-from .samplers.conversions import convert, to_x0, x_for_space
-from .samplers.schedules import flow_sigmas, karras_sigmas, vp_sigmas
 from .strategies.base import GuidanceStrategy, nested_strategies, sampler_coupled
 from .strategies.cfg import CFG
 

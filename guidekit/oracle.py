@@ -22,7 +22,9 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, ShapeError
-from .samplers.conversions import vp_alpha, vp_sigma, vp_sigma_from_timestep, vp_x
+from .ops.shapes import append_dims
+from .ops.spaces import vp_alpha, vp_sigma, vp_x
+from .ops.timesteps import vp_sigma_from_timestep
 
 __all__ = ["UNCOND", "GaussianMixture", "energy_distance"]
 
@@ -147,7 +149,7 @@ class GaussianMixture:
         if prediction not in ("eps", "v", "x0", "flow", "edm"):
             raise ConfigError(f"prediction: expected one of 'eps', 'v', 'x0', 'flow', 'edm', got {prediction!r}")
         if alphas_cumprod is None:
-            from .samplers.schedules import betas_linear
+            from .ops.timesteps import betas_linear
 
             alphas_cumprod = torch.cumprod(1 - betas_linear(), 0)
         acp = torch.as_tensor(alphas_cumprod, dtype=F64)
@@ -211,8 +213,7 @@ def _from_x0_vp(x0: Tensor, x: Tensor, a: Tensor, b: Tensor, space: str) -> Tens
     """A prediction from ``x0`` at ``x = a x0 + b eps`` (``a``, ``b`` per sample)."""
     if space == "x0":
         return x0
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    a, b = a.reshape(shape), b.reshape(shape)
+    a, b = append_dims(a.reshape(-1), x.ndim), append_dims(b.reshape(-1), x.ndim)
     eps = (x - a * x0) / b
     if space == "eps":
         return eps

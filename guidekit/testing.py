@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .config import ComponentSpec, build, to_spec
 from .context import GuidanceContext
-from .layout import canonical_layout, from_canonical, parse_layout, to_canonical
+from .ops.shapes import canonical_layout, from_canonical, parse_layout, to_canonical
 from .registry import STRATEGIES
 from .strategies.base import GuidanceStrategy
 

@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 from loop_helpers import mixture, noise, single_thread  # noqa: F401 - autouse fixture
 
 from guidekit.errors import ConfigError, LayoutError, NonFiniteError, ShapeError
-from guidekit.samplers import EDMModel, FlowModel, VPModel, adapt
-from guidekit.samplers.conversions import (
+from guidekit.ops.spaces import (
     convert,
     eps_from_x0,
     flow_t_from_sigma,
@@ -22,12 +21,11 @@ from guidekit.samplers.conversions import (
     to_x0,
     vp_alpha,
     vp_sigma,
-    vp_sigma_from_timestep,
-    vp_timestep_from_sigma,
     vp_x,
     x0_from_eps,
 )
-from guidekit.samplers.schedules import betas_linear, betas_scaled_linear
+from guidekit.ops.timesteps import betas_linear, betas_scaled_linear, vp_sigma_from_timestep, vp_timestep_from_sigma
+from guidekit.samplers import EDMModel, FlowModel, VPModel, adapt
 
 F64 = torch.float64
 SPACES = ["x0", "eps", "v", "flow"]

@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import guidekit as gk
-from guidekit.frequency import fdg, laplacian_pyramid, reconstruct_pyramid
-from guidekit.functional import project
+from guidekit.ops.frequency import fdg, laplacian_pyramid, reconstruct_pyramid
+from guidekit.ops.guidance import project
 from guidekit.testing import make_pair
 
 KINDS = ("independent", "correlated", "offset", "equal", "zero_sample", "tiny_delta")

@@ -18,11 +18,10 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import guidekit as gk
-from guidekit.functional import cfg
-from guidekit.functional_extra import cfgpp_weight
+from guidekit.ops.guidance import cfg, cfgpp_weight
+from guidekit.ops.spaces import flow_x, vp_alpha
+from guidekit.ops.timesteps import betas_linear, vp_sigmas
 from guidekit.oracle import UNCOND, GaussianMixture
-from guidekit.samplers.conversions import flow_x, vp_alpha
-from guidekit.samplers.schedules import betas_linear, vp_sigmas
 
 GM = GaussianMixture.random(num_classes=3, components=2, event_shape=(2, 3, 3), spread=2.0, std=0.4, seed=7)
 LABELS = torch.tensor([0, 1, 2])

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import guidekit as gk
-from guidekit.functional_extra import (
+from guidekit.ops.guidance import (
     adg,
     cfg_zero_star,
     cfg_zero_star_scale,

@@ -14,14 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import guidekit as gk
-from guidekit.scale_schedules import (
-    cogvideox_dynamic_scale,
-    flow_times,
-    ramp_scale,
-    sigma_bump,
-    trailing_timestep,
-    tvcfg_scales,
-)
+from guidekit.ops.schedules import cogvideox_dynamic_scale, ramp_scale, sigma_bump, tvcfg_scales
+from guidekit.ops.spaces import flow_t_from_sigma
+from guidekit.ops.timesteps import trailing_timestep
 from guidekit.testing import make_pair
 
 
@@ -84,7 +79,7 @@ def test_tvcfg_strategy_runs_the_inner_strategy_at_the_tables_scale(n, mean, tim
     sigmas = gk.samplers.karras_sigmas(n, 0.002, 80.0)
     strategy = gk.TVCFG(gk.CFG(mean), time=time)
     table = tvcfg_scales(
-        mean, flow_times(sigmas) if time == "flow" else torch.linspace(1, 0, n + 1, dtype=torch.float64)
+        mean, flow_t_from_sigma(sigmas) if time == "flow" else torch.linspace(1, 0, n + 1, dtype=torch.float64)
     )
     c, u = PAIR
     for i in range(n):
@@ -192,7 +187,7 @@ def test_dynamic_cfg_errors():
 @given(st.lists(st.sampled_from((0.05, 0.5, 1.0, 3.0, 40.0)), min_size=1, max_size=4), st.integers(0, 99))
 def test_scale_function_of_sigma_is_per_sample(sigmas, seed):
     c, u = make_pair((len(sigmas), 3, 4, 4), "correlated", seed)
-    s = gk.ScaleFunction("guidekit.scale_schedules:sigma_bump")
+    s = gk.ScaleFunction("guidekit.ops.schedules:sigma_bump")
     cx = ctx(len(sigmas), sigma=sigmas)
     out = s(c, u, cx)
     for i, sig in enumerate(torch.tensor(sigmas, dtype=torch.float32).tolist()):

@@ -9,7 +9,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guidekit.context import GuidanceContext, x0_delta_scale
+from guidekit.context import GuidanceContext
+from guidekit.ops.spaces import x0_delta_scale
 
 
 @given(st.floats(min_value=1e-4, max_value=1e4))

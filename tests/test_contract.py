@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from torch import Tensor
 
 import guidekit as gk
-from guidekit.functional import cfg, upcast
+from guidekit.ops.guidance import cfg
+from guidekit.ops.shapes import upcast
 from guidekit.registry import STRATEGIES
 from guidekit.testing import (
     CHECKS,

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import guidekit as gk
-from guidekit.functional import cfg, project, rescale_std
+from guidekit.ops.guidance import cfg, project, rescale_std
 from guidekit.testing import make_pair
 
 guiders = pytest.importorskip("diffusers.guiders")

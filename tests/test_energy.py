@@ -25,8 +25,8 @@ from guidekit.energy import (
     ThresholdMapper,
     X0DeltaSquared,
 )
-from guidekit.energy import functional as EF
 from guidekit.errors import ConfigError, ShapeError
+from guidekit.ops import energy as EF
 from guidekit.registry import ENERGY, MAPPERS, TRANSFORMS
 
 

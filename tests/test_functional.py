@@ -1,4 +1,4 @@
-"""Algebraic properties of the pure guidance math (guidekit.functional): CFG, projection, APG, rescale."""
+"""Algebraic properties of the pure guidance math (guidekit.ops.guidance): CFG, projection, APG, rescale."""
 
 from __future__ import annotations
 
@@ -9,18 +9,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from guidekit.errors import ShapeError
-from guidekit.functional import (
+from guidekit.ops.checks import check_pair
+from guidekit.ops.guidance import (
     apg,
     apg_from_delta,
     cfg,
-    check_pair,
     momentum_update,
     per_sample_dot,
     per_sample_norm,
     project,
     rescale_std,
-    upcast,
 )
+from guidekit.ops.shapes import upcast
 
 scales = st.floats(-3.0, 20.0, allow_nan=False)
 fractions = st.floats(0.0, 1.0)

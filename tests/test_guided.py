@@ -12,10 +12,10 @@ from loop_helpers import mixture, noise, single_thread  # noqa: F401 - autouse f
 
 import guidekit as gk
 from guidekit.errors import ConfigError, LayoutError, NonFiniteError, ShapeError, UnknownNameError
+from guidekit.ops.spaces import flow_x
 from guidekit.oracle import GaussianMixture
 from guidekit.registry import SAMPLERS
 from guidekit.samplers import FlowModel, VPModel, flow_sigmas, karras_sigmas, sample_euler, sample_heun
-from guidekit.samplers.conversions import flow_x
 from guidekit.strategies import (
     APG,
     CFG,

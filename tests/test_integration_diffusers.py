@@ -41,7 +41,8 @@ from hypothesis import given, settings
 import guidekit as gk
 from guidekit.integrations import diffusers as gkd
 from guidekit.integrations.diffusers.tiny import TINY_FAMILIES, tiny_pipeline
-from guidekit.layout import to_canonical
+from guidekit.ops.guidance import cfg
+from guidekit.ops.shapes import to_canonical
 from guidekit.strategies.base import GuidanceStrategy
 from guidekit.testing import check_strategy
 
@@ -142,7 +143,7 @@ class _Record(GuidanceStrategy):
 
     def combine(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor, ctx: gk.GuidanceContext) -> torch.Tensor:
         self.log.append((pred_cond.clone(), pred_uncond.clone(), ctx))
-        return gk.functional.cfg(pred_cond, pred_uncond, self.scale)
+        return cfg(pred_cond, pred_uncond, self.scale)
 
 
 @dataclass(frozen=True, eq=False)

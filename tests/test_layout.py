@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from guidekit.errors import LayoutError, ShapeError
-from guidekit.layout import (
+from guidekit.ops.shapes import (
     append_dims,
     canonical_layout,
     check_layout,

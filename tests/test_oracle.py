@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from loop_helpers import single_thread  # noqa: F401 - autouse fixture
 
 from guidekit.errors import ConfigError, ShapeError
+from guidekit.ops.spaces import flow_t_from_sigma, vp_alpha, vp_sigma
+from guidekit.ops.timesteps import betas_linear, vp_timestep_from_sigma
 from guidekit.oracle import GaussianMixture, energy_distance
-from guidekit.samplers.conversions import flow_t_from_sigma, vp_alpha, vp_sigma, vp_timestep_from_sigma
-from guidekit.samplers.schedules import betas_linear
 
 F64 = torch.float64
 ACP = torch.cumprod(1 - betas_linear(), 0)

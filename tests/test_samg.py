@@ -25,9 +25,9 @@ from guidekit.energy import (
     ThresholdMapper,
     X0DeltaSquared,
 )
-from guidekit.energy import functional as EF
 from guidekit.errors import ConfigError, ShapeError
-from guidekit.layout import from_canonical, to_canonical
+from guidekit.ops import energy as EF
+from guidekit.ops.shapes import from_canonical, to_canonical
 
 MAPPER_KINDS = ("linear", "threshold", "bound")
 

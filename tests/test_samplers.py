@@ -12,6 +12,8 @@ from loop_helpers import distances, mixture, noise, single_thread  # noqa: F401 
 
 import guidekit as gk
 from guidekit.errors import ConfigError, ShapeError, UnknownNameError
+from guidekit.ops.spaces import sigma_from_alphas_cumprod
+from guidekit.ops.timesteps import betas_scaled_linear, vp_sigma_from_timestep, vp_timesteps
 from guidekit.registry import SAMPLERS
 from guidekit.samplers import (
     Denoised,
@@ -27,8 +29,6 @@ from guidekit.samplers import (
     sample_heun,
     vp_sigmas,
 )
-from guidekit.samplers.conversions import sigma_from_alphas_cumprod, vp_sigma_from_timestep
-from guidekit.samplers.schedules import betas_scaled_linear, vp_timesteps
 
 F64 = torch.float64
 N = 2000

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import guidekit as gk
 from guidekit.errors import ConfigError, ShapeError
-from guidekit.functional import apg, apg_from_delta, cfg, rescale_std
+from guidekit.ops.guidance import apg, apg_from_delta, cfg, rescale_std
 from guidekit.strategies.apg import MomentumState
 
 Ctx = gk.GuidanceContext

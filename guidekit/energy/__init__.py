@@ -1,7 +1,8 @@
 """Energy estimators, energy transforms and scale mappers for SAMG (spatially adaptive guidance).
 
 SAMG = estimator ``(c, u, ctx) -> E`` -> transforms ``(E, ctx) -> E`` -> mapper ``(E, ctx) -> Ω``, then
-``u + Ω ⊙ (c - u)``. Importing this package registers the built-ins:
+``u + Ω ⊙ (c - u)``. Each module defines its component base and the built-ins; the formulas live in
+:mod:`guidekit.ops.energy`. Importing this package registers the built-ins:
 
 * estimators (``guidekit.energy``): ``delta-sq`` (default), ``x0-delta-sq``, ``delta-score``;
 * transforms (``guidekit.transforms``): ``minmax``, ``gaussian-smooth``, ``quantile-clip``;
@@ -10,11 +11,9 @@ SAMG = estimator ``(c, u, ctx) -> E`` -> transforms ``(E, ctx) -> E`` -> mapper 
 
 from __future__ import annotations
 
-from . import functional
-from .base import Direction, EnergyEstimator, EnergyTransform, ScaleMapper
-from .estimators import DeltaScore, DeltaSquared, X0DeltaSquared
-from .mappers import BoundMapper, LinearMapper, ThresholdMapper
-from .transforms import GaussianSmooth, MinMax, QuantileClip
+from .estimators import DeltaScore, DeltaSquared, EnergyEstimator, X0DeltaSquared
+from .mappers import BoundMapper, Direction, LinearMapper, ScaleMapper, ThresholdMapper
+from .transforms import EnergyTransform, GaussianSmooth, MinMax, QuantileClip
 
 __all__ = [
     "BoundMapper",
@@ -30,5 +29,4 @@ __all__ = [
     "ScaleMapper",
     "ThresholdMapper",
     "X0DeltaSquared",
-    "functional",
 ]

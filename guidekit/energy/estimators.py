@@ -9,17 +9,36 @@ default pipeline) they give the same scale map; they differ for mappers that rea
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor
 
-from ..context import GuidanceContext, x0_delta_scale
+from ..component import Component
+from ..context import GuidanceContext
 from ..errors import ConfigError
+from ..ops.checks import check_choice
+from ..ops.energy import Reduce, delta_energy
+from ..ops.shapes import per_sample
+from ..ops.spaces import x0_delta_scale
 from ..registry import ENERGY
-from .base import EnergyEstimator, check_choice
-from .functional import Reduce, delta_energy, per_sample
 
-__all__ = ["DeltaScore", "DeltaSquared", "X0DeltaSquared"]
+__all__ = ["DeltaScore", "DeltaSquared", "EnergyEstimator", "X0DeltaSquared"]
+
+
+class EnergyEstimator(Component, ABC):
+    """Point-wise guidance energy ``(pred_cond, pred_uncond, ctx) -> (b, 1, *spatial)``, non-negative.
+
+    Predictions are ``(b, c, *spatial)`` in the space ``ctx.space``; the result is float32 (float64 for
+    float64 inputs) and is the same for every channel of a point.
+    """
+
+    registry: ClassVar = ENERGY
+
+    @abstractmethod
+    def __call__(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor:
+        """The energy map ``(b, 1, *spatial)``."""
 
 
 @dataclass(frozen=True)

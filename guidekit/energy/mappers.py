@@ -2,18 +2,71 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from torch import Tensor
 
+from ..component import Component
 from ..context import GuidanceContext
 from ..errors import ConfigError
+from ..ops.checks import check_choice, check_number
+from ..ops.energy import DEFAULT_TAU, bound_scale, linear_scale, threshold_scale
 from ..registry import MAPPERS
-from .base import EnergyEstimator, ScaleMapper, check_number
-from .functional import DEFAULT_TAU, bound_scale, linear_scale, threshold_scale
+from .estimators import DeltaSquared, EnergyEstimator, X0DeltaSquared
+from .transforms import EnergyTransform, MinMax
 
-__all__ = ["BoundMapper", "LinearMapper", "ThresholdMapper"]
+__all__ = ["BoundMapper", "Direction", "LinearMapper", "ScaleMapper", "ThresholdMapper"]
+
+Direction = Literal["decreasing", "increasing"]
+"""``decreasing``: high energy -> low scale (the SAMG paper); ``increasing``: the mirrored control."""
+
+
+@dataclass(frozen=True)
+class ScaleMapper(Component, ABC):
+    """An energy-to-scale map ``(energy, ctx) -> Ω``, same shape, bounded in ``[w_min, w_max]``.
+
+    Args:
+        w_min: conservative scale, given to the highest-energy points (decreasing direction).
+        w_max: aggressive scale, given to the lowest-energy points; ``w_min <= w_max``.
+        direction: ``"decreasing"`` (the paper: high energy -> low scale) or ``"increasing"``, the mirrored
+            control ``Ω_inc = w_min + w_max - Ω_dec``.
+    """
+
+    registry: ClassVar = MAPPERS
+    needs_unit_energy: ClassVar[bool] = False
+    """True if the mapper expects energy in ``[0, 1]`` (min-max normalised) to stay within its bounds."""
+
+    w_min: float = 5.0
+    w_max: float = 12.0
+    direction: Direction = "decreasing"
+
+    def __post_init__(self) -> None:
+        w_min = check_number("w_min", self.w_min)
+        w_max = check_number("w_max", self.w_max)
+        if w_min > w_max:
+            raise ConfigError(f"w_min, w_max: expected w_min <= w_max, got w_min={w_min} > w_max={w_max}")
+        check_choice("direction", self.direction, ("decreasing", "increasing"))
+        object.__setattr__(self, "w_min", w_min)
+        object.__setattr__(self, "w_max", w_max)
+
+    @property
+    def decreasing(self) -> bool:
+        """``direction == "decreasing"``."""
+        return self.direction == "decreasing"
+
+    @abstractmethod
+    def __call__(self, energy: Tensor, ctx: GuidanceContext) -> Tensor:
+        """The scale map ``Ω``, same shape as ``energy``, with values in ``[w_min, w_max]``."""
+
+    def default_energy(self) -> EnergyEstimator:
+        """The estimator :class:`guidekit.SAMG` pairs with this mapper when none is given."""
+        return DeltaSquared()
+
+    def default_transforms(self) -> tuple[EnergyTransform, ...]:
+        """The transforms :class:`guidekit.SAMG` uses with this mapper when none are given."""
+        return (MinMax(),) if self.needs_unit_energy else ()
 
 
 @MAPPERS.register("linear")
@@ -90,6 +143,4 @@ class BoundMapper(ScaleMapper):
         return bound_scale(energy, self.k, self.eps, self.w_min, self.w_max, self.decreasing)
 
     def default_energy(self) -> EnergyEstimator:
-        from .estimators import X0DeltaSquared
-
         return X0DeltaSquared()

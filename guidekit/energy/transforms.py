@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor
 
+from ..component import Component
 from ..context import GuidanceContext
 from ..errors import ConfigError
+from ..ops.checks import check_choice, check_number
+from ..ops.energy import DEFAULT_TAU, Normalization, gaussian_smooth, minmax_normalize, quantile_clip
 from ..registry import TRANSFORMS
-from .base import EnergyTransform, check_choice, check_number
-from .functional import DEFAULT_TAU, Normalization, gaussian_smooth, minmax_normalize, quantile_clip
 
-__all__ = ["GaussianSmooth", "MinMax", "QuantileClip"]
+__all__ = ["EnergyTransform", "GaussianSmooth", "MinMax", "QuantileClip"]
+
+
+class EnergyTransform(Component, ABC):
+    """An energy-to-energy map ``(energy, ctx) -> energy`` of the same shape (normalise, smooth, clip)."""
+
+    registry: ClassVar = TRANSFORMS
+
+    @abstractmethod
+    def __call__(self, energy: Tensor, ctx: GuidanceContext) -> Tensor:
+        """The transformed energy, same shape as ``energy``."""
+
+    def unit_range(self, unit_in: bool) -> bool:
+        """Whether the output lies in ``[0, 1]``, given whether the input does (``False``: not known).
+
+        :class:`guidekit.SAMG` uses it to refuse a mapper that needs normalised energy without a
+        normalising transform before it.
+        """
+        return False
 
 
 @TRANSFORMS.register("minmax")
@@ -28,7 +49,7 @@ class MinMax(EnergyTransform):
         tau: guard relative to ``max E`` (comfy-cfg-megapack uses an absolute ``1e-8``); relative makes the
             result exactly invariant to scaling the energy. Uniform energy gives ``Ê = 0``. The default 1e-3
             keeps float rounding noise of a (nearly) uniform energy from spanning the range
-            (:data:`~guidekit.energy.functional.DEFAULT_TAU`).
+            (:data:`~guidekit.ops.energy.DEFAULT_TAU`).
     """
 
     over: Normalization = "sample"

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ShapeError
+from ..ops.checks import all_finite
 
 __all__ = ["feature_stats", "frechet_distance", "frechet_distance_from_stats", "per_class_frechet_distance"]
 
@@ -16,7 +17,7 @@ def _check_features(x: Tensor, name: str, min_rows: int = 2) -> None:
         raise ShapeError(f"{name}: expected a (n, d) feature matrix, got {shape}")
     if x.shape[0] < min_rows:
         raise ShapeError(f"{name}: expected at least {min_rows} rows to fit a covariance, got {x.shape[0]}")
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise ShapeError(f"{name}: expected finite features, got NaN/Inf")
 
 

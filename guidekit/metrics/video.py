@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
-from ..layout import to_canonical
+from ..ops.shapes import to_canonical
 from .classify import class_accuracy
 from .frechet import frechet_distance
 from .pixels import overshoot

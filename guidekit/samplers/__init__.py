@@ -7,8 +7,8 @@ and is registered in :data:`guidekit.registry.SAMPLERS`: ``ddim``, ``euler``, ``
 
 from __future__ import annotations
 
+from ..ops.timesteps import flow_sigmas, flow_times, karras_sigmas, vp_sigmas
 from ..registry import SAMPLERS
-from . import conversions, schedules
 from .adapters import EDMModel, FlowModel, ModelAdapter, VPModel, adapt
 from .base import Callback, Denoised, Denoiser, SamplerStep, StepInfo, check_sigmas, evaluate, randn_like
 from .ddim import sample_ddim
@@ -17,7 +17,6 @@ from .euler import sample_euler
 from .euler_ancestral import sample_euler_ancestral
 from .flow_euler import sample_flow_euler
 from .heun import sample_heun
-from .schedules import flow_sigmas, flow_times, karras_sigmas, vp_sigmas
 
 __all__ = [
     "Callback",
@@ -31,7 +30,6 @@ __all__ = [
     "VPModel",
     "adapt",
     "check_sigmas",
-    "conversions",
     "evaluate",
     "flow_sigmas",
     "flow_times",
@@ -45,7 +43,6 @@ __all__ = [
     "sample_euler_ancestral",
     "sample_flow_euler",
     "sample_heun",
-    "schedules",
     "vp_sigmas",
 ]
 

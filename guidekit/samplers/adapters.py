@@ -25,19 +25,12 @@ from torch import Tensor
 
 from ..context import PredictionSpace
 from ..errors import ConfigError, ShapeError
-from ..functional import check_finite
-from ..layout import check_layout, from_canonical, parse_layout, to_canonical
+from ..ops.checks import all_finite, check_finite
+from ..ops.shapes import check_layout, from_canonical, parse_layout, to_canonical
+from ..ops.spaces import edm_x_from, flow_t_from_sigma, flow_x, to_x0, vp_x
+from ..ops.timesteps import betas_linear, timestep_from_log_sigmas
+from ..ops.timesteps import log_sigmas as _log_sigmas
 from .base import StepInfo
-from .conversions import (
-    _log_sigmas,
-    edm_x_from,
-    flow_t_from_sigma,
-    flow_x,
-    timestep_from_log_sigmas,
-    to_x0,
-    vp_x,
-)
-from .schedules import betas_linear
 
 __all__ = ["EDMModel", "FlowModel", "ModelAdapter", "NativeModel", "VPModel", "adapt"]
 
@@ -96,7 +89,7 @@ class ModelAdapter(ABC):
                 f"model output: expected a tensor shaped like the model input {tuple(x_in.shape)} "
                 f"(layout {self.layout!r}), got {got}"
             )
-        if not allow_nonfinite and not bool(torch.isfinite(out.sum())):  # one reduction; exact check on failure
+        if not allow_nonfinite and not all_finite(out):  # one reduction; exact check on failure
             check_finite(out, f"model output at sigma in [{float(sigma.min()):.4g}, {float(sigma.max()):.4g}]")
         return to_canonical(out, self.layout)
 

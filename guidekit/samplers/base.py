@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
-from .conversions import eps_from_x0
+from ..ops.spaces import eps_from_x0
 
 __all__ = [
     "Callback",

@@ -6,9 +6,9 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..ops.spaces import edm_x_from, vp_alpha, vp_sigma
 from ..registry import SAMPLERS
 from .base import Callback, Denoiser, Generator, StepInfo, check_sigmas, evaluate, randn_like, report
-from .conversions import edm_x_from, vp_alpha, vp_sigma
 
 __all__ = ["sample_ddim"]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..ops.spaces import edm_x_from, flow_t_from_sigma, flow_x
 from ..registry import SAMPLERS
 from .base import Callback, Denoiser, Generator, StepInfo, check_sigmas, evaluate, report
-from .conversions import edm_x_from, flow_t_from_sigma, flow_x
 
 __all__ = ["sample_flow_euler"]
 

@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 from ..context import GuidanceContext, StrategySpace
-from ..energy.base import check_number
 from ..errors import ConfigError
-from ..functional_extra import per_sample_cosine
-from ..layout import append_dims
+from ..ops.checks import check_number
+from ..ops.guidance import per_sample_cosine
+from ..ops.shapes import append_dims
 from ..registry import STRATEGIES
 from .base import GuidanceStrategy, sampler_coupled
 from .cfg import CFG

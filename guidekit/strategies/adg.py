@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..context import GuidanceContext
-from ..energy.base import check_number
-from ..functional_extra import adg
+from ..ops.checks import check_number
+from ..ops.guidance import adg
 from ..registry import STRATEGIES
 from .base import GuidanceStrategy
 

@@ -11,7 +11,9 @@ from torch import Tensor
 
 from ..context import GuidanceContext, StrategySpace
 from ..errors import ConfigError
-from ..functional import apg, apg_from_delta, momentum_update, upcast
+from ..ops.checks import is_finite_number
+from ..ops.guidance import apg, apg_from_delta, momentum_update
+from ..ops.shapes import upcast
 from ..registry import STRATEGIES
 from .base import GuidanceStrategy
 
@@ -82,9 +84,9 @@ class APG(GuidanceStrategy):
     def __post_init__(self) -> None:
         for name in ("scale", "eta", "momentum"):
             value = getattr(self, name)
-            if not _is_finite_number(value):
+            if not is_finite_number(value):
                 raise ConfigError(f"{name}: expected a finite number, got {value!r}")
-        if not _is_finite_number(self.norm_threshold) or self.norm_threshold < 0:
+        if not is_finite_number(self.norm_threshold) or self.norm_threshold < 0:
             raise ConfigError(
                 f"norm_threshold: expected a finite number >= 0 (0 disables it), got {self.norm_threshold!r}"
             )
@@ -127,7 +129,3 @@ class APG(GuidanceStrategy):
             start = state.before_step if state.step == ctx.step else state.running
             running = momentum_update(delta, start, self.momentum, inplace=True)
         return apg_from_delta(pred_cond, running, self.scale, self.eta, self.norm_threshold), state
-
-
-def _is_finite_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

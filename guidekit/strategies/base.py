@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..component import Component
 from ..context import GuidanceContext, StrategySpace
-from ..functional import check_finite, check_pair
+from ..ops.checks import check_finite, check_pair
 from ..registry import STRATEGIES
 
 __all__ = ["Combinator", "GuidanceStrategy", "nested_strategies", "sampler_coupled"]

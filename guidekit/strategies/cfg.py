@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from ..context import GuidanceContext
-from ..errors import ConfigError
-from ..functional import cfg
+from ..ops.checks import check_number
+from ..ops.guidance import cfg
+from ..ops.shapes import per_sample_full
 from ..registry import STRATEGIES
 from .base import GuidanceStrategy
 
@@ -33,8 +33,7 @@ class CFG(GuidanceStrategy):
     scale: float = 7.5
 
     def __post_init__(self) -> None:
-        if not isinstance(self.scale, int | float) or not torch.isfinite(torch.tensor(float(self.scale))):
-            raise ConfigError(f"scale: expected a finite number, got {self.scale!r}")
+        check_number("scale", self.scale)
 
     def needs_uncond(self, ctx: GuidanceContext) -> bool:
         return self.scale != 1.0
@@ -45,4 +44,4 @@ class CFG(GuidanceStrategy):
         return cfg(pred_cond, pred_uncond, self.scale)
 
     def scale_map(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor:
-        return pred_cond.new_full((pred_cond.shape[0],) + (1,) * (pred_cond.ndim - 1), float(self.scale))
+        return per_sample_full(pred_cond, self.scale)

@@ -8,9 +8,9 @@ import torch
 from torch import Tensor
 
 from ..context import GuidanceContext
-from ..energy.base import check_number
 from ..errors import ConfigError
-from ..functional_extra import cfg_zero_star
+from ..ops.checks import check_number
+from ..ops.guidance import cfg_zero_star
 from ..registry import STRATEGIES
 from .base import GuidanceStrategy
 

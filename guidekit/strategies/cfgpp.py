@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..context import GuidanceContext
-from ..energy.base import check_number
-from ..functional import cfg
+from ..ops.checks import check_number
+from ..ops.guidance import cfg
+from ..ops.shapes import per_sample_full
 from ..registry import STRATEGIES
 from .base import GuidanceStrategy
 
@@ -52,4 +53,4 @@ class CFGPlusPlus(GuidanceStrategy):
         return pred_uncond
 
     def scale_map(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor:
-        return pred_cond.new_full((pred_cond.shape[0],) + (1,) * (pred_cond.ndim - 1), float(self.scale))
+        return per_sample_full(pred_cond, self.scale)

@@ -9,10 +9,11 @@ import torch
 from torch import Tensor
 
 from ..context import GuidanceContext
-from ..energy.base import check_choice, check_number
 from ..errors import ConfigError
+from ..ops.checks import check_choice, check_number
+from ..ops.schedules import cogvideox_dynamic_scale
+from ..ops.timesteps import trailing_timestep
 from ..registry import STRATEGIES
-from ..scale_schedules import cogvideox_dynamic_scale, trailing_timestep
 from .base import GuidanceStrategy
 from .cfg import CFG
 from .scheduled import ScheduledScale

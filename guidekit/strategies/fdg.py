@@ -8,9 +8,9 @@ from typing import ClassVar
 from torch import Tensor
 
 from ..context import GuidanceContext
-from ..energy.base import check_number
 from ..errors import ConfigError
-from ..frequency import fdg
+from ..ops.checks import check_number
+from ..ops.frequency import fdg
 from ..registry import STRATEGIES
 from .base import GuidanceStrategy
 

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..context import GuidanceContext
 from ..errors import ConfigError, ShapeError
+from ..ops.shapes import append_dims, per_sample_full
 from ..registry import STRATEGIES
 from .base import Combinator, GuidanceStrategy
 from .cfg import CFG
@@ -163,7 +164,7 @@ class Interval(Combinator):
 
     def scale_map(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor | None:
         inside = self._inside_batch(ctx, pred_cond)
-        ones = pred_cond.new_ones((pred_cond.shape[0],) + (1,) * (pred_cond.ndim - 1))
+        ones = per_sample_full(pred_cond, 1.0)
         if not bool(inside.any()):
             return ones
         inner = self.inner.scale_map(pred_cond, pred_uncond, ctx)
@@ -190,7 +191,7 @@ def _merge_state(inside: Tensor, new: Any, old: Any) -> Any:
     """
     if isinstance(new, Tensor) and isinstance(old, Tensor):
         if new.shape == old.shape and new.ndim >= 1 and new.shape[0] == inside.shape[0]:
-            return torch.where(inside.to(new.device).reshape(-1, *([1] * (new.ndim - 1))), new, old)
+            return torch.where(append_dims(inside.to(new.device), new.ndim), new, old)
         return new
     if dataclasses.is_dataclass(new) and not isinstance(new, type) and type(new) is type(old):
         fields = [f for f in dataclasses.fields(new) if f.init]

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from ..context import GuidanceContext
-from ..energy.base import check_choice, check_number
+from ..ops.checks import check_choice, check_number
+from ..ops.schedules import ramp_scale
 from ..registry import STRATEGIES
-from ..scale_schedules import ramp_scale
 from .base import GuidanceStrategy
 from .cfg import CFG
 from .scheduled import ScheduledScale

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +9,8 @@ from torch import Tensor
 
 from ..context import GuidanceContext, StrategySpace
 from ..errors import ConfigError
-from ..functional import rescale_std
+from ..ops.checks import is_finite_number
+from ..ops.guidance import rescale_std
 from ..registry import STRATEGIES
 from .base import Combinator, GuidanceStrategy
 from .cfg import CFG
@@ -48,7 +48,7 @@ class Rescale(Combinator):
         if not isinstance(self.inner, GuidanceStrategy):
             raise ConfigError(f"inner: expected a GuidanceStrategy, got {type(self.inner).__name__}")
         phi = self.phi
-        if not isinstance(phi, int | float) or isinstance(phi, bool) or not math.isfinite(phi) or not 0 <= phi <= 1:
+        if not is_finite_number(phi) or not 0 <= phi <= 1:
             raise ConfigError(f"phi: expected a number in [0, 1], got {phi!r}")
 
     @property  # type: ignore[override]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -12,8 +11,8 @@ import torch
 from torch import Tensor
 
 from ..context import GuidanceContext
-from ..energy.base import check_choice
 from ..errors import ConfigError
+from ..ops.checks import check_choice, is_finite_number
 from ..registry import STRATEGIES
 from .base import GuidanceStrategy
 from .cfg import CFG
@@ -54,7 +53,7 @@ def _scales(fn: Callable[[float], float], name: str, variable: Variable, ctx: Gu
             value = fn(x)
         except Exception as exc:  # a user function may fail in any way: name it and its input
             raise ConfigError(f"function: {name}({variable}={x!r}) raised {type(exc).__name__}: {exc}") from exc
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if not is_finite_number(value):
             raise ConfigError(f"function: expected {name}({variable}={x!r}) to return a finite number, got {value!r}")
         inputs[x] = float(value)
     return torch.tensor([inputs[k] for k in keys.tolist()], dtype=torch.float64)
@@ -89,8 +88,8 @@ class ScaleFunction(ScheduledScale):
 
     @classmethod
     def contract_example(cls) -> ScaleFunction:
-        """An instance for the shared contract tests (:func:`guidekit.scale_schedules.sigma_bump`)."""
-        return cls("guidekit.scale_schedules:sigma_bump")
+        """An instance for the shared contract tests (:func:`guidekit.ops.schedules.sigma_bump`)."""
+        return cls("guidekit.ops.schedules:sigma_bump")
 
     def scale_at(self, ctx: GuidanceContext) -> Tensor:
         return _scales(self._fn, self.function, self.variable, ctx)

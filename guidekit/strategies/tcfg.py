@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..context import GuidanceContext
-from ..energy.base import check_number
-from ..functional_extra import tcfg
+from ..ops.checks import check_number
+from ..ops.guidance import tcfg
 from ..registry import STRATEGIES
 from .base import GuidanceStrategy
 

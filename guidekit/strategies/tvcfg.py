@@ -9,10 +9,11 @@ import torch
 from torch import Tensor
 
 from ..context import GuidanceContext
-from ..energy.base import check_choice
 from ..errors import ConfigError
+from ..ops.checks import check_choice
+from ..ops.schedules import tvcfg_scales
+from ..ops.spaces import flow_t_from_sigma
 from ..registry import STRATEGIES
-from ..scale_schedules import flow_times, tvcfg_scales
 from .base import GuidanceStrategy
 from .cfg import CFG
 from .scheduled import ScheduledScale
@@ -61,7 +62,7 @@ class TVCFG(ScheduledScale):
                 f"ctx.sigmas: expected the run's sigma schedule of num_steps + 1 = {n + 1} values for "
                 f"time='flow', got {got} (the guided loop passes it; or use time='steps')"
             )
-        return tvcfg_scales(self.mean_scale, flow_times(ctx.sigmas))
+        return tvcfg_scales(self.mean_scale, flow_t_from_sigma(ctx.sigmas.detach().to("cpu", torch.float64)))
 
     def scale_at(self, ctx: GuidanceContext) -> Tensor:
         table = self.scales(ctx)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..samplers.schedules import betas_linear
+from ..ops.timesteps import betas_linear
 
 __all__ = ["NULL_CLASS", "NUM_CLASSES", "DigitsUNet", "linear_beta_alphas_cumprod", "timestep_embedding"]
 

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ...context import PredictionSpace
 from ...errors import ConfigError
-from ...samplers.conversions import sigma_from_alphas_cumprod, sigma_from_flow_t
+from ...ops.spaces import sigma_from_alphas_cumprod, sigma_from_flow_t
 
 __all__ = [
     "FAMILIES",

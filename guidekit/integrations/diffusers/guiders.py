@@ -25,7 +25,7 @@ from torch import Tensor
 from ...config import build, to_spec
 from ...context import GuidanceContext, PredictionSpace, StrategySpace
 from ...errors import ConfigError, GuidekitError
-from ...layout import from_canonical, parse_layout, to_canonical
+from ...ops.shapes import from_canonical, parse_layout, to_canonical
 from ...strategies.base import GuidanceStrategy
 from .families import noise_schedule, parse_prediction_type, prediction_space
 

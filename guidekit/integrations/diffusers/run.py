@@ -13,8 +13,8 @@ from torch import Tensor
 from ...context import GuidanceContext, PredictionSpace
 from ...errors import ConfigError, GuidekitError, ShapeError
 from ...guided import guided
-from ...layout import canonical_layout, check_layout, from_canonical, parse_layout, to_canonical
-from ...samplers.conversions import convert, edm_x_from, x_for_space
+from ...ops.shapes import canonical_layout, check_layout, from_canonical, parse_layout, to_canonical
+from ...ops.spaces import convert, edm_x_from, x_for_space
 from ...strategies.base import GuidanceStrategy
 from .calls import Call, pack, zip_cat
 from .families import Coords, Family, is_flow, noise_schedule

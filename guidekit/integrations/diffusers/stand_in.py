@@ -11,8 +11,8 @@ from torch import Tensor
 
 from ...context import PredictionSpace
 from ...errors import ConfigError, GuidekitError
+from ...ops.spaces import flow_t_from_sigma
 from ...samplers.adapters import FlowModel, ModelAdapter, VPModel
-from ...samplers.conversions import flow_t_from_sigma
 from .families import latent_coords, noise_schedule
 
 __all__ = ["SamplerScheduler"]

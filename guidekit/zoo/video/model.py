@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import ConfigError, ShapeError
-from ...layout import from_canonical, to_canonical
+from ...ops.shapes import from_canonical, to_canonical
 
 __all__ = ["VideoDenoiser", "VideoDenoiserConfig"]
 

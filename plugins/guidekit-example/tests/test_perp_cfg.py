@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import guidekit as gk
-from guidekit.functional import project
+from guidekit.ops.guidance import project
 from guidekit.testing import check_strategy, examples
 
 

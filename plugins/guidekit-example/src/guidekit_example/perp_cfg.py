@@ -10,7 +10,8 @@ from torch import Tensor
 
 from guidekit import ConfigError, GuidanceContext, GuidanceStrategy
 from guidekit.context import StrategySpace
-from guidekit.functional import project, upcast
+from guidekit.ops.guidance import project
+from guidekit.ops.shapes import upcast
 
 __all__ = ["PerpCFG"]
 

@@ -1,4 +1,4 @@
-"""A Laplacian pyramid in plain torch, and frequency-decoupled guidance (FDG) on it.
+"""The frequency split: a Laplacian pyramid in plain torch, and frequency-decoupled guidance (FDG) on it.
 
 The pyramid follows kornia's ``build_laplacian_pyramid`` (Burt & Adelson 1983), which diffusers'
 ``FrequencyDecoupledGuidance`` uses: blur with the 5x5 binomial kernel ``[1 4 6 4 1]ᵀ[1 4 6 4 1] / 256``
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import ShapeError
-from .functional import upcast
+from ..errors import ShapeError
+from .shapes import append_dims, frames_as_images, images_as_frames, upcast
 
 __all__ = ["fdg", "laplacian_pyramid", "reconstruct_pyramid"]
 
@@ -91,33 +91,11 @@ def reconstruct_pyramid(pyramid: Sequence[Tensor]) -> Tensor:
     return out
 
 
-def _as_images(x: Tensor) -> Tensor:
-    """``(b, c, h, w)`` as is; ``(b, c, l)`` as ``(b, c, 1, l)``; ``(b, c, f, ..., h, w)`` as ``(b·f·..., c, h, w)``."""
-    if x.ndim < 3:
-        raise ShapeError(f"pred_cond: expected (b, c, l), (b, c, h, w) or (b, c, f, h, w), got {tuple(x.shape)}")
-    if x.ndim == 3:
-        return x.unsqueeze(-2)
-    if x.ndim == 4:
-        return x
-    c, h, w = x.shape[1], x.shape[-2], x.shape[-1]
-    return x.movedim(1, -3).reshape(-1, c, h, w)
-
-
-def _from_images(y: Tensor, like: Tensor) -> Tensor:
-    if like.ndim == 3:
-        return y.squeeze(-2)
-    if like.ndim == 4:
-        return y
-    b, c = like.shape[:2]
-    frames = like.shape[2:-2]
-    return y.reshape(b, *frames, c, *like.shape[-2:]).movedim(-3, 1)
-
-
 def _project_parallel(delta: Tensor, onto: Tensor) -> Tensor:
     """The part of ``delta`` along ``onto``, per image over all non-batch dims, computed in float64."""
     d, o = delta.to(torch.float64), onto.to(torch.float64)
     o = F.normalize(o.flatten(1), dim=1).view_as(o)
-    return ((d * o).flatten(1).sum(1).view(-1, *([1] * (d.ndim - 1))) * o).to(delta.dtype)
+    return (append_dims((d * o).flatten(1).sum(1), d.ndim) * o).to(delta.dtype)
 
 
 def fdg(
@@ -141,8 +119,8 @@ def fdg(
         scales: one CFG weight per level, finest (high frequency) first; diffusers' SDXL default ``[10, 5]``.
         parallel_weights: per-level weight of the component parallel to ``c_k``; ``None`` means all 1.
     """
-    c = _as_images(upcast(pred_cond))
-    u = _as_images(upcast(pred_uncond))
+    c = frames_as_images(upcast(pred_cond))
+    u = frames_as_images(upcast(pred_uncond))
     delta = c - u
     if parallel_weights is None or all(b == 1.0 or w == 1.0 for w, b in zip(scales, parallel_weights, strict=True)):
         out = _fdg_plain(c, delta, scales)
@@ -156,7 +134,7 @@ def fdg(
             else:
                 terms.append(w * (d + (beta - 1.0) * _project_parallel(d, ck)) - d)
         out = c + reconstruct_pyramid(terms)
-    return _from_images(out, pred_cond).to(pred_cond.dtype)
+    return images_as_frames(out, pred_cond).to(pred_cond.dtype)
 
 
 def _fdg_plain(c: Tensor, delta: Tensor, scales: Sequence[float]) -> Tensor:

@@ -1,7 +1,9 @@
-"""Pure math of SAMG's energy pipeline (methods.md §3): energy, normalisation, smoothing, scale maps.
+"""SAMG's energy formulas (methods.md §3): energy, normalisation, smoothing, scale maps.
 
 Energy maps have shape ``(b, 1, *spatial)``: one value per latent point, shared by all channels.
 Predictions are ``(b, c, *spatial)``. Everything is computed in at least float32 (float64 stays float64).
+The fused default scale map (:func:`samg_scale_map`) sits next to the composition it replaces
+(:func:`samg_scale_map_plain`), and the tests show they agree.
 """
 
 from __future__ import annotations
@@ -12,9 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ShapeError
-from ..functional import upcast
-from ..layout import append_dims
+from .shapes import append_dims, upcast
 
 __all__ = [
     "DEFAULT_TAU",
@@ -29,10 +29,11 @@ __all__ = [
     "minmax_coefficients",
     "minmax_linear_scale",
     "minmax_normalize",
-    "per_sample",
     "per_sample_quantile",
     "quantile_clip",
     "reflect_indices",
+    "samg_scale_map",
+    "samg_scale_map_plain",
     "smoothing_matrix",
     "threshold_scale",
 ]
@@ -46,14 +47,6 @@ channel reduction in float32 is only exact to ~1e-6 of ``max E`` (and not bitwis
 so with ``τ = 1e-8`` a uniform energy's noise would be stretched over the whole ``[w_min, w_max]``; with
 ``1e-3`` it moves Ω by at most ~0.1% of the range, while the highest energy still gets ``w_min`` to
 within ``τ · max E / span`` of the range."""
-
-
-def per_sample(v: Tensor, like: Tensor, name: str = "ctx.sigma") -> Tensor:
-    """A ``(b,)`` (or one-element) per-sample tensor shaped to broadcast against ``like``, in its dtype."""
-    b = like.shape[0]
-    if v.numel() not in (1, b):
-        raise ShapeError(f"{name}: expected {b} values (one per sample) or one, got shape {tuple(v.shape)}")
-    return append_dims(v.reshape(-1), like.ndim).to(device=like.device, dtype=like.dtype)
 
 
 def delta_energy(pred_cond: Tensor, pred_uncond: Tensor, reduce: Reduce = "mean") -> Tensor:
@@ -129,8 +122,44 @@ def minmax_linear_scale(
     lo, hi = _lo_hi(energy, over)
     start, end = (w_max, w_min) if decreasing else (w_min, w_max)
     floor = 4.0 * torch.finfo(energy.dtype).tiny * max(1.0, abs(end - start))
-    slope = (hi - lo).add_(hi, alpha=tau).clamp_min_(floor).reciprocal_().mul_(end - start)
+    slope = torch.div(end - start, (hi - lo).add_(hi, alpha=tau).clamp_min_(floor))  # no in-place on a saved output
     return (energy - lo).mul_(slope).add_(start).clamp_(w_min, w_max)  # clamp: rounding guard only
+
+
+def samg_scale_map_plain(
+    pred_cond: Tensor,
+    pred_uncond: Tensor,
+    w_min: float,
+    w_max: float,
+    decreasing: bool = True,
+    over: Normalization = "sample",
+    tau: float = DEFAULT_TAU,
+) -> Tensor:
+    """SAMG's default scale map as written (methods.md §3.2): channel-mean energy, min-max, linear map.
+
+    ``Ω = linear_scale(minmax_normalize(delta_energy(c, u, "mean")))``: the reference of :func:`samg_scale_map`.
+    """
+    energy = minmax_normalize(delta_energy(pred_cond, pred_uncond, "mean"), over, tau)
+    return linear_scale(energy, w_min, w_max, decreasing)
+
+
+def samg_scale_map(
+    pred_cond: Tensor,
+    pred_uncond: Tensor,
+    w_min: float,
+    w_max: float,
+    decreasing: bool = True,
+    over: Normalization = "sample",
+    tau: float = DEFAULT_TAU,
+) -> Tensor:
+    """The fast path of :func:`samg_scale_map_plain` (tested equal to float rounding).
+
+    Min-max normalisation is invariant to scaling the energy, so the channel *sum* stands in for the mean
+    (one pass less), and normalisation and linear map are one affine map per sample
+    (:func:`minmax_linear_scale`). Ω is ``(b, 1, *spatial)``, float32 (float64 for float64 inputs).
+    """
+    energy = delta_energy(pred_cond, pred_uncond, "sum")
+    return minmax_linear_scale(energy, w_min, w_max, decreasing, over, tau)
 
 
 def per_sample_quantile(flat: Tensor, q: float) -> Tensor:
@@ -172,7 +201,7 @@ def bound_scale(energy: Tensor, k: float, eps: float, w_min: float, w_max: float
     ``K = sqrt(2δ / κ)`` for an x0-space energy ``E = ‖Δx0‖²``. ``decreasing=False`` mirrors it in
     ``[w_min, w_max]`` (``w_min + w_max - Ω``).
     """
-    bound = torch.add(energy, eps).rsqrt_().mul_(k).add_(1.0)
+    bound = torch.add(energy, eps).rsqrt().mul(k).add_(1.0)  # rsqrt's output is kept for backward: not in place
     if not decreasing:
         bound.neg_().add_(w_min + w_max)  # mirror before the clip: the bounds stay exact
     return bound.clamp_(w_min, w_max)

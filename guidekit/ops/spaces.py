@@ -27,13 +27,16 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..context import PredictionSpace
 from ..errors import ConfigError, NonFiniteError
-from ..layout import append_dims
+from .shapes import append_dims, compute_dtype
 
 __all__ = [
+    "SPACES",
+    "PredictionSpace",
     "alphas_cumprod_from_sigma",
+    "compute_dtype",
     "convert",
+    "edm_x_from",
     "eps_from_x0",
     "flow_t_from_sigma",
     "flow_x",
@@ -43,12 +46,20 @@ __all__ = [
     "to_x0",
     "vp_alpha",
     "vp_sigma",
-    "vp_sigma_from_timestep",
-    "vp_timestep_from_sigma",
     "vp_x",
+    "x0_delta_scale",
     "x0_from_eps",
     "x_for_space",
 ]
+
+PredictionSpace = Literal["x0", "eps", "v", "flow"]
+"""What a prediction tensor means.
+
+* ``x0``: the denoised sample (Karras' ``D(x; sigma)``).
+* ``eps``: the noise (VP and EDM/VE share it).
+* ``v``: VP v-prediction ``alpha * eps - sigma_vp * x0`` (needs ``alpha^2 + sigma_vp^2 = 1``).
+* ``flow``: rectified-flow velocity ``eps - x0`` (diffusers' ``FlowMatchEulerDiscreteScheduler``).
+"""
 
 SPACES: tuple[PredictionSpace, ...] = ("x0", "eps", "v", "flow")
 
@@ -75,7 +86,11 @@ def alphas_cumprod_from_sigma(sigma: Tensor) -> Tensor:
 
 
 def flow_t_from_sigma(sigma: Tensor) -> Tensor:
-    """Flow time ``t = sigma / (1 + sigma)``: 0 at sigma = 0, 1 at sigma = inf."""
+    """Flow time ``t = sigma / (1 + sigma)``: 0 at sigma = 0, 1 at sigma = inf.
+
+    The one meaning of "flow time" in guidekit: the ``t`` of ``x_t = (1 - t) · x0 + t · eps`` (diffusers'
+    ``FlowMatchEulerDiscreteScheduler.sigmas``), never multiplied by a model's ``time_scale``.
+    """
     return 1.0 / (1.0 + 1.0 / sigma)
 
 
@@ -84,67 +99,9 @@ def sigma_from_flow_t(t: Tensor) -> Tensor:
     return t / (1.0 - t)
 
 
-def _log_sigmas(alphas_cumprod: Tensor) -> Tensor:
-    acp = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-    if acp.ndim != 1 or acp.numel() < 2 or not bool(((acp >= 0) & (acp < 1)).all()):
-        raise ConfigError(f"alphas_cumprod: expected a 1-D tensor of values in [0, 1), got shape {tuple(acp.shape)}")
-    if not bool((acp[1:] <= acp[:-1]).all()):
-        raise ConfigError("alphas_cumprod: expected non-increasing values (timestep 0 = least noise)")
-    return sigma_from_alphas_cumprod(acp).log()
-
-
-def vp_sigma_from_timestep(t: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """EDM sigma at a (possibly fractional) training timestep ``t`` in ``[0, T - 1]``.
-
-    Linear interpolation of ``log sigma`` between grid points (k-diffusion ``DiscreteSchedule.t_to_sigma``,
-    the inverse of diffusers' ``_sigma_to_t``). Exact at integer ``t``. Returns float64.
-    """
-    log_sigmas = _log_sigmas(alphas_cumprod)
-    t = torch.as_tensor(t, dtype=torch.float64)
-    last = log_sigmas.numel() - 1
-    if not bool(((t >= 0) & (t <= last)).all()):
-        raise ConfigError(f"t: expected training timesteps in [0, {last}], got values in [{t.min()}, {t.max()}]")
-    lo = t.floor().long().clamp(max=last - 1)
-    w = t - lo
-    mixed = (1 - w) * log_sigmas[lo] + w * log_sigmas[lo + 1]
-    return torch.exp(torch.where(w == 0, log_sigmas[lo], mixed))  # w == 0: no 0 · inf at a zero-SNR end
-
-
-def vp_timestep_from_sigma(sigma: Tensor, alphas_cumprod: Tensor, *, rtol: float = 1e-4) -> Tensor:
-    """The fractional training timestep of EDM ``sigma`` (inverse of :func:`vp_sigma_from_timestep`).
-
-    ``sigma`` must lie in the model's range ``[sigma(0), sigma(T-1)]``; values outside by more than a
-    relative ``rtol`` (float rounding) raise :class:`ConfigError` instead of being clipped. Returns float64.
-    """
-    return timestep_from_log_sigmas(sigma, _log_sigmas(alphas_cumprod), rtol=rtol)
-
-
-def timestep_from_log_sigmas(sigma: Tensor, log_sigmas: Tensor, *, rtol: float = 1e-4) -> Tensor:
-    """:func:`vp_timestep_from_sigma` with the grid's ``log sigma`` precomputed (adapters cache it)."""
-    log_sigmas = log_sigmas.to(sigma.device)
-    s = torch.as_tensor(sigma, dtype=torch.float64, device=log_sigmas.device)
-    lo_s, hi_s = log_sigmas[0].exp(), log_sigmas[-1].exp()
-    if not bool(((s >= lo_s * (1 - rtol)) & (s <= hi_s * (1 + rtol))).all()):
-        raise ConfigError(
-            f"sigma: expected values in the model's range [{float(lo_s):.6g}, {float(hi_s):.6g}] "
-            f"(alphas_cumprod), got values in [{float(s.min()):.6g}, {float(s.max()):.6g}]"
-        )
-    log_s = s.log().clamp(log_sigmas[0], log_sigmas[-1]).reshape(-1)  # only float rounding is clamped (checked)
-    idx = torch.searchsorted(log_sigmas, log_s, right=True).clamp(1, log_sigmas.numel() - 1)
-    lo, hi = log_sigmas[idx - 1], log_sigmas[idx]
-    w = torch.where(torch.isinf(hi), torch.zeros_like(lo), (log_s - lo) / (hi - lo))
-    t = (idx - 1).to(torch.float64) + w.clamp(0, 1)
-    t = torch.where(torch.isinf(s.reshape(-1)) & torch.isinf(hi), torch.full_like(t, log_sigmas.numel() - 1), t)
-    return t.reshape(s.shape)
-
-
 # -- coordinates ---------------------------------------------------------------------------------------
 def _per_sample(sigma: Tensor, x: Tensor) -> Tensor:
-    return append_dims(sigma.to(device=x.device, dtype=_compute_dtype(x)), x.ndim)
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return append_dims(sigma.to(device=x.device, dtype=compute_dtype(x)), x.ndim)
 
 
 def _regular(s: Tensor) -> bool:
@@ -255,3 +212,23 @@ def convert(pred: Tensor, src: PredictionSpace, dst: PredictionSpace, x: Tensor,
             return (vp_sigma(s) * vp_x(x, sigma) + vp_alpha(s) * pred).to(pred.dtype)
         return (flow_x(x, sigma) + (1.0 - flow_t_from_sigma(s)) * pred).to(pred.dtype)  # eps = x_t + (1-t) v
     return from_x0(to_x0(pred, src, x, sigma), dst, x, sigma)
+
+
+def x0_delta_scale(space: PredictionSpace, sigma: Tensor) -> Tensor:
+    """Per-sample ``k`` with ``Δx0 = k · Δpred`` at a fixed ``x_t`` (methods.md §2).
+
+    Every conversion between spaces is affine with coefficients shared by the conditional and the
+    unconditional prediction, so a *difference* of predictions converts by one scalar per sample:
+    eps ``-sigma``; VP v ``-sigma / sqrt(1 + sigma^2)`` (``-vp_sigma``); flow ``-t = -sigma / (1 + sigma)``;
+    x0 ``1``. At sigma = inf (flow t = 1, zero terminal SNR) v and flow give the limit -1, not NaN.
+    """
+    sigma = sigma.to(torch.float32)
+    if space == "x0":
+        return torch.ones_like(sigma)
+    if space == "eps":
+        return -sigma
+    if space == "v":
+        return -vp_sigma(sigma)
+    if space == "flow":
+        return -flow_t_from_sigma(sigma)
+    raise ValueError(f"space: expected one of 'x0', 'eps', 'v', 'flow', got {space!r}")

@@ -1,7 +1,8 @@
 """Guidance-scale schedules as pure functions of the step, the progress or the sigma schedule.
 
 The schedule combinators in :mod:`guidekit.strategies` (``TVCFG``, ``Ramp``, ``DynamicCFG``,
-``ScaleFunction``) call these and run their inner strategy with the resulting scale.
+``ScaleFunction``) call these and run their inner strategy with the resulting scale. Timestep
+conventions (trailing, flow time) come from :mod:`guidekit.ops.timesteps` and :mod:`guidekit.ops.spaces`.
 """
 
 from __future__ import annotations
@@ -9,27 +10,18 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
     "cogvideox_dynamic_scale",
-    "flow_times",
     "ramp_scale",
     "sigma_bump",
-    "trailing_timestep",
     "tvcfg_scales",
 ]
 
 RampShape = Literal["linear", "cosine"]
 RampReading = Literal["A", "B"]
-
-
-def flow_times(sigmas: Tensor) -> Tensor:
-    """Rectified-flow time ``t = σ / (1 + σ)`` of EDM sigmas (``σ = inf`` gives 1), float64."""
-    s = sigmas.detach().to("cpu", torch.float64)
-    return torch.where(torch.isinf(s), 1.0, s / (1.0 + s))
 
 
 def tvcfg_scales(mean_scale: float, times: Tensor) -> Tensor:
@@ -69,16 +61,6 @@ def ramp_scale(mean_scale: float, progress: float, shape: RampShape = "linear", 
     return 1.0 + ramp * (mean_scale - 1.0) if reading == "A" else ramp * mean_scale
 
 
-def trailing_timestep(step: int, num_steps: int, num_train_timesteps: int = 1000) -> int:
-    """The integer timestep of step ``step`` under diffusers' ``timestep_spacing="trailing"``.
-
-    Computed exactly as diffusers does, ``round(arange(T, 0, -T / N)) - 1`` in numpy (numpy's ``arange``
-    rounding decides the ties, e.g. step 3 of 48 is 936, not 937).
-    """
-    grid = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)).astype(np.int64) - 1
-    return int(grid[step])
-
-
 def cogvideox_dynamic_scale(scale: float, position: float, exponent: float = 5.0) -> float:
     """CogVideoX's dynamic CFG, ``1 + w (1 - cos(π · position^exponent)) / 2``.
 
@@ -93,7 +75,7 @@ def sigma_bump(sigma: float) -> float:
     """``1 + 4σ / (1 + σ²)``: 3 at ``σ = 1``, falling to 1 at both ends of the schedule.
 
     A ready-made target for :class:`guidekit.strategies.ScaleFunction`
-    (``function="guidekit.scale_schedules:sigma_bump"``): guidance concentrated in the middle of the noise
+    (``function="guidekit.ops.schedules:sigma_bump"``): guidance concentrated in the middle of the noise
     range, like TV-CFG's triangle, but as a function of sigma alone. ``σ = inf`` gives 1.
     """
     if math.isinf(sigma):
