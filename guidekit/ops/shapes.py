@@ -74,22 +74,21 @@ def check_layout(x: Tensor, layout: str, name: str = "x") -> None:
         )
 
 
+def _rearrange(x: Tensor, source: str, target: str) -> Tensor:
+    """``x`` from ``source`` to ``target`` (two orders of the same axes); ``x`` itself when they agree."""
+    return x if source == target else einops.rearrange(x, f"{source} -> {target}")
+
+
 def to_canonical(x: Tensor, layout: str) -> Tensor:
     """Rearrange ``x`` from ``layout`` to ``(b, c, *rest)`` (a view when no permutation is needed)."""
     check_layout(x, layout)
-    target = canonical_layout(layout)
-    if target == " ".join(parse_layout(layout)):
-        return x
-    return einops.rearrange(x, f"{layout} -> {target}")
+    return _rearrange(x, " ".join(parse_layout(layout)), canonical_layout(layout))
 
 
 def from_canonical(x: Tensor, layout: str) -> Tensor:
     """Inverse of :func:`to_canonical`."""
     check_layout(x, layout)
-    source = canonical_layout(layout)
-    if source == " ".join(parse_layout(layout)):
-        return x
-    return einops.rearrange(x, f"{source} -> {layout}")
+    return _rearrange(x, canonical_layout(layout), " ".join(parse_layout(layout)))
 
 
 def non_batch_dims(x: Tensor) -> tuple[int, ...]:
