@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 import guidekit as gk
+from guidekit.zoo.cmdline import guarded, require_extras
 
 SHAPES: tuple[tuple[int, ...], ...] = ((2, 4, 128, 128), (1, 16, 13, 60, 90))
 
@@ -193,8 +194,10 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--sweep", action="store_true", help="each family over its strength; best at acc >= 0.99")
     args = parser.parse_args()
+    if args.what == "quality":
+        require_extras("quality", ["sklearn"])
     speed() if args.what == "speed" else quality(args.seeds, args.per_class, args.sweep)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(guarded("benchmarks/bench_catalogue.py", main))

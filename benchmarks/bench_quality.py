@@ -29,6 +29,7 @@ import torch
 import guidekit as gk
 from guidekit.energy import BoundMapper, GaussianSmooth, LinearMapper, MinMax, ThresholdMapper
 from guidekit.metrics import excess_over_frontier
+from guidekit.zoo.cmdline import guarded, require_extras
 from guidekit.zoo.compare import DigitsBench, Settings
 from guidekit.zoo.figures import frontier_plot, image_grid
 from guidekit.zoo.report import Comparison, Entry, run_comparison
@@ -186,6 +187,7 @@ def main() -> None:
     parser.add_argument("--img", default=None, help="also copy the figures to this folder (docs/img)")
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from --out/quality.json")
     args = parser.parse_args()
+    require_extras("benchmark", ["sklearn", "matplotlib"])
     if args.replot:
         replot(Path(args.out), args.img)
         return
@@ -249,4 +251,4 @@ def _middle(todo: list[Entry], family: str) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(guarded("benchmarks/bench_quality.py", main))

@@ -22,6 +22,7 @@ import torch
 
 import guidekit as gk
 from guidekit.energy import GaussianSmooth, MinMax, ThresholdMapper
+from guidekit.zoo.cmdline import guarded, require_extras
 
 SHAPES = ((2, 4, 128, 128), (1, 16, 13, 60, 90))
 
@@ -107,6 +108,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--scales", type=float, nargs="+", default=[1.5, 2.0, 3.0, 4.5])
     args = parser.parse_args()
+    if args.what == "quality":
+        require_extras("quality", ["sklearn"])
     if args.what == "speed":
         speed()
     else:
@@ -114,4 +117,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(guarded("benchmarks/bench_samg.py", main))

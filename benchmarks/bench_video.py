@@ -26,6 +26,7 @@ import torch
 
 from guidekit.metrics.video import video_metrics
 from guidekit.zoo import video
+from guidekit.zoo.cmdline import guarded, require_extras
 from guidekit.zoo.video.demo import demo_strategies
 
 KEYS = ("acc", "p_y", "fd", "mc_diff", "mc_rel", "flicker", "switch", "over_share", "over_mean", "sat")
@@ -168,6 +169,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "results" / "bench_video.json"))
     parser.add_argument("--figure", metavar="PNG", help="only draw the frame-strip figure (docs/img/...)")
     args = parser.parse_args()
+    require_extras("benchmark", ["sklearn", "PIL"])
     torch.set_num_threads(1)
     if args.figure:
         figure(Path(args.figure))
@@ -180,4 +182,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(guarded("benchmarks/bench_video.py", main))

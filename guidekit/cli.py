@@ -1,7 +1,9 @@
 """The ``guidekit`` command: ``demo``, ``compare``, ``list`` and ``train``.
 
-Errors a user can make (unknown names, bad parameters, unreadable spec files, output folders that cannot
-be written) end with a one-line message on stderr and exit code 2, never a traceback.
+Errors a user can make (unknown names, bad parameters or numbers, unreadable spec files, output folders
+that cannot be written, a missing optional dependency) end with a one-line message on stderr and exit
+code 2, never a traceback; they are checked before any sampling or training. A run's files appear in
+``--out`` all together or not at all (:mod:`guidekit.zoo.output`); an earlier run there needs ``--force``.
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import GuidekitError
+from .errors import ConfigError
+from .zoo.cmdline import counts, guarded, require_extras, seeds
 
 __all__ = ["main", "parse_strategy"]
 
 DEFAULT_OUT = "guidekit-out"
 
+DEMO_MODULES = ("matplotlib", "sklearn")
+"""What the image demo and ``compare`` import: the figures and the digits data (the ``demo`` extra)."""
 
-class CLIError(Exception):
+
+class CLIError(ConfigError):
     """A user error: printed as ``guidekit: error: <message>``, exit code 2."""
 
 
@@ -34,24 +40,39 @@ def parse_strategy(text: str) -> Any:
     text = text.strip()
     if text.startswith("{"):
         try:
-            spec: Any = json.loads(text)
+            spec: Any = _loads(text, text)
         except json.JSONDecodeError as exc:
             raise CLIError(
                 f'--strategy: expected a JSON spec {{"name": ..., "params": ...}}, got {text!r} ({exc})'
             ) from None
     else:
         name, _, rest = text.partition(":")
-        params: dict[str, Any] = {}
+        pairs: list[tuple[str, Any]] = []
         for item in _split_params(rest):
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
                 raise CLIError(f"--strategy: expected key=value after '{name}:', got {item!r} in {text!r}")
             try:
-                params[key.strip()] = json.loads(value)
+                pairs.append((key.strip(), _loads(value, text)))
             except json.JSONDecodeError:
-                params[key.strip()] = value
-        spec = {"name": name.strip(), "params": params}
+                pairs.append((key.strip(), value))
+        spec = {"name": name.strip(), "params": _unique(pairs, text)}
     return build(spec, where="strategy")
+
+
+def _unique(pairs: list[tuple[str, Any]], text: str) -> dict[str, Any]:
+    """``dict(pairs)``, refusing a key given twice (which would otherwise keep the last value silently)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise CLIError(f"--strategy: expected each key once, got {key!r} twice in {text!r}")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _loads(value: str, text: str) -> Any:
+    """JSON whose objects may not repeat a key (``text``: the whole option, for the message)."""
+    return json.loads(value, object_pairs_hook=lambda pairs: _unique(pairs, text))
 
 
 def _split_params(text: str) -> list[str]:
@@ -76,18 +97,10 @@ def _split_params(text: str) -> list[str]:
     return parts
 
 
-def _writable(folder: str) -> Path:
-    path = Path(folder)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".guidekit-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise CLIError(
-            f"--out: expected a folder that can be written, got {folder!r} ({exc.strerror or exc})"
-        ) from None
-    return path
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The counts and seeds of a run, before any work (argparse only checks that they are integers)."""
+    counts(args, "steps", "per_class", "threads")
+    seeds("--seeds", args.seeds)
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -96,70 +109,89 @@ def _settings(args: argparse.Namespace) -> Any:
     return Settings(sampler=args.sampler, steps=args.steps, per_class=args.per_class, schedule=args.schedule)
 
 
-def _finish(comparison: Any, out: Path, quiet: bool) -> None:
+def _write_run(comparison: Any, folder: Path) -> tuple[str, list[str]]:
+    """Write the outputs and ``metrics.txt`` into ``folder``; return the table and the file names."""
     from .zoo.report import format_table, write_outputs
 
-    paths = write_outputs(comparison, out)
+    paths = write_outputs(comparison, folder)
     table = format_table(comparison.summary(), [*comparison.bench.columns, "nfe", "seconds"])
-    (out / "metrics.txt").write_text(table + "\n")
+    (folder / "metrics.txt").write_text(table + "\n")
+    return table, ["metrics.txt", *(p.name for p in paths.values())]
+
+
+def _report(table: str, out: str, names: list[str], quiet: bool) -> None:
     if not quiet:
         print(table)
-        print("\nwrote " + ", ".join(str(p) for p in [out / "metrics.txt", *paths.values()]))
+        print("\nwrote " + ", ".join(str(Path(out) / name) for name in names))
 
 
 # -- commands ------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     """Every registered strategy over a small sweep of strengths on the embedded digits model."""
+    _check_numbers(args)
     if args.video:
         from .zoo.video.demo import run_from_demo_args
 
         return run_from_demo_args(args)
+    require_extras("demo", DEMO_MODULES)
     from .zoo.compare import DigitsBench
+    from .zoo.output import IMAGE_OUTPUTS, StagedOutput
     from .zoo.report import Entry, run_comparison
     from .zoo.sweeps import default_sweeps
     from .zoo.threads import torch_threads
 
-    out = _writable(args.out)
     settings = _settings(args)
     sweeps, skipped = default_sweeps(args.only or None)
     entries = [Entry(sw.name, f"{sw.param}={s:g}", sw.make(s)) for sw in sweeps for s in sw.strengths]
-    if not args.quiet:
-        print(f"guidekit demo: {len(entries)} settings of {len(sweeps)} strategies on the digits model, "
-              f"{settings.per_class * 10} samples each, {settings.sampler} {settings.steps} steps")  # fmt: skip
-        for name, why in skipped.items():
-            print(f"  skipped {name}: {why}")
-    with torch_threads(args.threads):
+    with StagedOutput(args.out, IMAGE_OUTPUTS, args.force) as folder, torch_threads(args.threads):
+        if not args.quiet:
+            print(f"guidekit demo: {len(entries)} settings of {len(sweeps)} strategies on the digits model, "
+                  f"{settings.per_class * 10} samples each, {settings.sampler} {settings.steps} steps")  # fmt: skip
+            for name, why in skipped.items():
+                print(f"  skipped {name}: {why}")
         comparison = run_comparison(
             DigitsBench(), entries, settings, args.seeds, progress=not args.quiet, skip_failures=True
         )
-    if not args.quiet:
-        for label, why in comparison.failed.items():
-            print(f"  failed {label}: {why}")
-    if not comparison.entries:
-        raise CLIError("demo: expected at least one strategy that runs on the digits model, got none")
-    _finish(comparison, out, args.quiet)
+        if not args.quiet:
+            for label, why in comparison.failed.items():
+                print(f"  failed {label}: {why}")
+        if not comparison.entries:
+            raise CLIError("demo: expected at least one strategy that runs on the digits model, got none")
+        table, names = _write_run(comparison, folder)
+    _report(table, args.out, names, args.quiet)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """The strategies given on the command line or in spec files, side by side."""
     from .config import build, load_spec
-    from .zoo.compare import DigitsBench, GMMBench
-    from .zoo.report import Entry, run_comparison
-    from .zoo.threads import torch_threads
 
     strategies = [parse_strategy(s) for s in args.strategy or []]
     for path in args.spec or []:
-        strategies.append(build(load_spec(path), where=f"spec file {str(path)!r}"))
+        try:
+            spec = load_spec(path)
+        except UnicodeDecodeError as exc:
+            raise CLIError(
+                f"--spec: expected a UTF-8 JSON or TOML file, got {path!r}, which is not text "
+                f"(byte {exc.object[exc.start]:#04x} at offset {exc.start})"
+            ) from None
+        strategies.append(build(spec, where=f"spec file {str(path)!r}"))
     if not strategies:
         raise CLIError("compare: expected at least one --strategy or --spec, got none")
-    out = _writable(args.out)
+    _check_numbers(args)
+    require_extras("compare", DEMO_MODULES)
+    from .zoo.compare import DigitsBench, GMMBench
+    from .zoo.output import IMAGE_OUTPUTS, StagedOutput
+    from .zoo.report import Entry, run_comparison
+    from .zoo.threads import torch_threads
+
     settings = _settings(args)
     entries = [Entry.of(s) for s in strategies]
-    with torch_threads(args.threads):
+    with StagedOutput(args.out, IMAGE_OUTPUTS, args.force) as folder, torch_threads(args.threads):
         bench = GMMBench() if args.model == "gmm" else DigitsBench()
         comparison = run_comparison(bench, entries, settings, args.seeds, progress=not args.quiet)
-    _finish(comparison, out, args.quiet)
+        table, names = _write_run(comparison, folder)
+    _report(table, args.out, names, args.quiet)
     return 0
 
 
@@ -202,6 +234,7 @@ def _add_run_options(p: argparse.ArgumentParser, per_class: int, steps: int) -> 
     p.add_argument("--per-class", type=int, default=per_class, help=f"samples per class (default {per_class})")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds, shared by all strategies")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for this tiny model)")
+    p.add_argument("--force", action="store_true", help="replace an earlier run in --out (other files stay)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no table on stdout")
 
 
@@ -242,22 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["train"]:  # every option belongs to the training script (argparse's REMAINDER drops "-h")
         from .zoo.train import main as train_main
 
-        return train_main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except (CLIError, GuidekitError) as exc:
-        print(f"guidekit: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("guidekit: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # e.g. `guidekit list | head`: the reader left; say nothing more
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return guarded("guidekit", lambda: train_main(argv[1:]))
+    args = build_parser().parse_args(argv)
+    return guarded("guidekit", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -11,11 +11,13 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..guided import StepRecord
+from .cmdline import require_extras
 
 __all__ = ["frontier_plot", "image_grid", "scale_map_strip"]
 
 
 def _pyplot() -> Any:
+    require_extras("guidekit.zoo.figures", ["matplotlib"])
     import matplotlib
 
     matplotlib.use("Agg")

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .classifier import DigitsClassifier, random_shift
+from .cmdline import counts, guarded, require_extras, seeds, writable_folder
 from .data import DIGITS_SPLIT, DigitsSplit, load_digits
 from .unet import NULL_CLASS, DigitsUNet
 
@@ -177,7 +178,11 @@ def _record(kind: str, recipe: Any, data: DigitsSplit, command: str, seconds: fl
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Train the classifier, the denoiser and the weak denoiser; write checkpoints and records."""
+    """Train the classifier, the denoiser and the weak denoiser; write checkpoints and records.
+
+    The numbers, ``--out`` and scikit-learn are checked first: a :class:`~guidekit.errors.GuidekitError`
+    names the argument (:func:`guidekit.cli.main` prints it as one line, exit code 2).
+    """
     from .store import CHECKPOINT_DIR
 
     parser = argparse.ArgumentParser(prog="python -m guidekit.zoo.train", description=__doc__.splitlines()[0])
@@ -188,6 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--classifier-epochs", type=int, default=ClassifierRecipe.epochs)
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out sampling figures")
     args = parser.parse_args(argv)
+    counts(args, "steps", "weak_steps", "classifier_epochs")  # before any work, not after minutes of it
+    seeds("--seed", [args.seed])
+    require_extras("train", ["sklearn"])
+    writable_folder("--out", args.out)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # reproducible and fastest for these small nets
     try:
@@ -231,4 +240,4 @@ def _train_all(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(guarded("python -m guidekit.zoo.train", main))

@@ -24,6 +24,8 @@ from ...energy import MinMax
 from ...errors import ConfigError
 from ...metrics.video import video_metrics
 from ...strategies import APG, CFG, SAMG, GuidanceStrategy, Interval
+from ..cmdline import counts, guarded, require_extras, seeds
+from ..output import VIDEO_OUTPUTS, StagedOutput
 from ..threads import torch_threads
 from .data import make_clips
 from .run import EvalSetting, balanced_labels, real_reference, sample_clips
@@ -46,6 +48,9 @@ REAL_SEED = 1000
 
 CLIP_NUMEL = 1 * 8 * 16 * 16
 """Elements of one clip; APG's norm threshold is moved to it from SDXL's latent (``APG.threshold_for``)."""
+
+MODULES = ("sklearn", "PIL")
+"""What the video demo imports: the source digits and the GIF writer (the ``demo`` extra)."""
 
 
 def demo_strategies(scale: float = 3.0) -> dict[str, GuidanceStrategy]:
@@ -169,12 +174,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="guidekit demo --video", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    return run_from_args(args)
+    return guarded("python -m guidekit.zoo.video.demo", lambda: run_from_args(args))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The video demo's options (shared with ``guidekit demo --video``)."""
     parser.add_argument("--out", default="guidekit-video-demo", help="output directory")
+    parser.add_argument("--force", action="store_true", help="replace an earlier run in --out (other files stay)")
     parser.add_argument("--scale", type=float, default=3.0, help="base guidance scale w of every strategy")
     parser.add_argument("--per-class", type=int, default=3, help="clips per digit class")
     parser.add_argument("--steps", type=int, default=20, help="sampler steps")
@@ -187,20 +193,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the demo from parsed :func:`add_arguments` options and print the table."""
+    counts(args, "per_class", "steps", "reference_clips", "threads")
+    seeds("--seed", [args.seed])
+    strategies = demo_strategies(args.scale)
     setting = EvalSetting(args.per_class, args.steps, args.sampler, args.seed, args.layout)
-    with torch_threads(args.threads):
-        rows = run_video_demo(args.out, demo_strategies(args.scale), setting, args.reference_clips)
+    rows = _staged_run(args, strategies, setting, args.reference_clips, progress=None)
     print(_table(rows), end="")
     print(f"wrote GIFs, frame strips and metrics to {args.out}/")
     return 0
 
 
 def run_from_demo_args(args: argparse.Namespace) -> int:
-    """``guidekit demo --video``: the video demo with the image demo's options.
+    """``guidekit demo --video``: the video demo with the image demo's options (checked by the caller).
 
-    Uses ``--out``, ``--sampler``, ``--steps``, ``--per-class``, the first of ``--seeds``, ``--threads``
-    (default 1), ``--quiet`` and ``--only`` (names among :func:`demo_strategies`); ``--schedule`` does not
-    apply (the video model is an EDM denoiser and samples on Karras' schedule). The base scale is 3.
+    Uses ``--out``, ``--force``, ``--sampler``, ``--steps``, ``--per-class``, the first of ``--seeds``,
+    ``--threads`` (default 1), ``--quiet`` and ``--only`` (names among :func:`demo_strategies`);
+    ``--schedule`` does not apply (the video model is an EDM denoiser and samples on Karras' schedule).
+    The base scale is 3.
     """
     strategies = demo_strategies()
     if args.only:
@@ -209,12 +218,24 @@ def run_from_demo_args(args: argparse.Namespace) -> int:
             raise ConfigError(f"--only: expected names among {sorted(strategies)} with --video, got {unknown}")
         strategies = {name: strategies[name] for name in args.only}
     setting = EvalSetting(args.per_class, args.steps, args.sampler, args.seeds[0])
-    with torch_threads(args.threads):
-        rows = run_video_demo(args.out, strategies, setting, progress=not args.quiet)
+    rows = _staged_run(args, strategies, setting, 200, progress=not args.quiet)
     if not args.quiet:
         print(_table(rows), end="")
         print(f"wrote GIFs, frame strips and metrics to {args.out}/")
     return 0
+
+
+def _staged_run(
+    args: argparse.Namespace,
+    strategies: Mapping[str, GuidanceStrategy],
+    setting: EvalSetting,
+    reference_clips: int,
+    progress: bool | None,
+) -> dict[str, dict[str, float]]:
+    """:func:`run_video_demo` into ``args.out`` all at once, after the dependency and ``--out`` checks."""
+    require_extras("demo --video", MODULES)
+    with StagedOutput(args.out, VIDEO_OUTPUTS, args.force) as folder, torch_threads(args.threads):
+        return run_video_demo(folder, strategies, setting, reference_clips, progress=progress)
 
 
 if __name__ == "__main__":

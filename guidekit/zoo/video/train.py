@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..cmdline import counts, guarded, require_extras, writable_folder
 from ..store import CHECKPOINT_DIR, write_checkpoint
 from .classifier import FrameClassifier
 from .data import MotionConfig, make_clips
@@ -160,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--classifier-steps", type=int, default=ClassifierRecipe.steps)
     parser.add_argument("--figures-only", action="store_true", help="re-measure the shipped weights, no training")
     args = parser.parse_args(argv)
+    counts(args, "steps", "classifier_steps")  # before any work, not after minutes of it
+    require_extras("train", ["sklearn"])
+    writable_folder("--out", CHECKPOINT_DIR if args.out is None else args.out)
     torch.set_num_threads(1)
     if args.figures_only:
         return refresh_figures(args.out)
@@ -219,4 +223,4 @@ def refresh_figures(directory: str | Path | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(guarded("python -m guidekit.zoo.video.train", main))
