@@ -21,6 +21,7 @@ from ..guided import StepRecord, sample
 from ..metrics import Reference, embed, overshoot, sample_metrics
 from ..registry import SAMPLERS
 from ..strategies.base import GuidanceStrategy
+from .cmdline import at_least
 
 __all__ = ["Bench", "DigitsBench", "GMMBench", "Run", "Settings"]
 
@@ -37,9 +38,7 @@ class Settings:
     def __post_init__(self) -> None:
         SAMPLERS.get(self.sampler)  # unknown names fail here, with the closest match
         for name in ("steps", "per_class"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name}: expected an integer >= 1, got {value!r}")
+            at_least(name, getattr(self, name))
 
 
 @dataclass
