@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import runpy
+import signal
 import sys
 from pathlib import Path
 
@@ -137,6 +139,27 @@ def test_a_failure_while_moving_the_files_in_is_rolled_back(
     assert len(calls) > 9 and _snapshot(earlier_run) == before and not _leftovers(earlier_run)
 
 
+def test_ctrl_c_while_moving_the_files_in_waits_for_the_whole_run(
+    earlier_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from guidekit.zoo import output
+
+    real_replace, calls = output.os.replace, []
+
+    def ctrl_c_once(src: str | Path, dst: str | Path) -> None:
+        calls.append(dst)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, in the middle of the moves
+        real_replace(src, dst)
+
+    monkeypatch.setattr(output.os, "replace", ctrl_c_once)
+    assert main([*GMM, "-s", "cfg:scale=3", "--out", str(earlier_run), "--force"]) == 130
+    manifest = json.loads((earlier_run / MANIFEST).read_text())["files"]
+    assert set(_snapshot(earlier_run)) == {*manifest, MANIFEST, "notes.txt"}  # the new run, complete
+    assert json.loads((earlier_run / "metrics.json").read_text())["strategies"][0]["label"] == "cfg scale=3"
+    assert not _leftovers(earlier_run)
+
+
 # -- defect 3 and 10: user errors end in one line, before any work -------------------------------------
 @pytest.mark.parametrize(
     ("argv", "message"),
@@ -154,6 +177,7 @@ def test_a_failure_while_moving_the_files_in_is_rolled_back(
         (["demo", "--out", " "], "--out: expected a folder path, got ' '"),
         (["demo", "--video", "--out", "/proc/guidekit-out"], "--out: expected a folder that can be written"),
         (["compare", "-s", "cfg", "--out", "/proc/guidekit-out"], "--out: expected a folder that can be written"),
+        (["compare", "-s", "cfg", "--out", "/proc"], "--out: expected a folder that can be written, got '/proc'"),
         (["train", "--steps", "-5", "--classifier-epochs", "1"], "--steps: expected an integer >= 1, got -5"),
         (["train", "--weak-steps", "0", "--classifier-epochs", "1"], "--weak-steps: expected an integer >= 1, got 0"),
         (["train", "--out", "/proc/guidekit-ckpt", "--classifier-epochs", "1"], "--out: expected a folder that"),

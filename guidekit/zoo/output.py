@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 
 from ..errors import ConfigError
-from .cmdline import out_folder
+from .cmdline import out_folder, writable_folder
 
 __all__ = ["IMAGE_OUTPUTS", "MANIFEST", "VIDEO_OUTPUTS", "StagedOutput"]
 
@@ -42,8 +42,8 @@ class StagedOutput:
     appear in ``out`` together; on an exception ``out`` stays as it was.
 
     The checks run when it is made, before any work: ``out`` is a folder path (not ``''``, not a file),
-    holds no earlier run unless ``force``, and a staging folder can be made beside it. An ``OSError`` while
-    writing (a full disk) becomes a :class:`ConfigError` naming ``argument``.
+    holds no earlier run unless ``force``, can be written, and a staging folder can be made beside it.
+    An ``OSError`` while writing (a full disk) becomes a :class:`ConfigError` naming ``argument``.
     """
 
     def __init__(self, out: str | Path, outputs: Sequence[str], force: bool = False, argument: str = "--out") -> None:
@@ -57,12 +57,15 @@ class StagedOutput:
                 f"{argument}: expected a folder without an earlier run (pass --force to replace it), "
                 f"got {str(out)!r} holding {shown}"
             )
-        if self.target.exists() and not os.access(self.target, os.W_OK | os.X_OK):
-            raise ConfigError(f"{argument}: expected a folder that can be written, got {str(out)!r} (read-only)")
+        if self.target.exists():
+            writable_folder(argument, self.target)  # a file written there now, so that /proc fails before the work
         parent = self.target.absolute().parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".guidekit-tmp", dir=parent))
+            # beside the target, unless the target is another filesystem (a mount point): renames stay on one
+            same = not self.target.exists() or self.target.stat().st_dev == parent.stat().st_dev
+            home = parent if same else self.target
+            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".guidekit-tmp", dir=home))
         except OSError as exc:
             raise ConfigError(
                 f"{argument}: expected a folder that can be written, got {str(out)!r} ({exc.strerror or exc})"
