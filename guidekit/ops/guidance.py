@@ -131,14 +131,16 @@ def apg_from_delta(
     """
     c = upcast(pred_cond)
     d = delta.to(c.dtype)
-    cc, dc, dd = _gram(c, d, squares_b=norm_threshold > 0)
-    k = _ratio(dc, cc)  # Δ_par = k·c; a zero c has no parallel part
-    b = torch.full_like(cc, scale - 1.0)
-    if dd is not None:  # s = r / ||Δ|| where ||Δ|| > r, else 1
-        over = dd > norm_threshold * norm_threshold
-        b = torch.where(over, b * (norm_threshold / torch.sqrt(torch.where(over, dd, 1.0))), b)
-    a = 1.0 - b * (1.0 - eta) * k
-    return torch.mul(c, _per_sample(a, c)).addcmul_(d, _per_sample(b, c)).to(pred_cond.dtype)
+    if norm_threshold > 0:  # s = min(1, r / ||Δ||); a zero Δ gives r · inf -> 1
+        cc, dc, dd = _gram(c, d)
+        b = torch.rsqrt(dd).mul(norm_threshold).clamp(max=1.0).mul_(scale - 1.0)
+    else:
+        cc, dc, _ = _gram(c, d, squares_b=False)
+        b = torch.full_like(cc, scale - 1.0)
+    k = dc / cc.clamp_min(torch.finfo(torch.float64).tiny)  # Δ_par = k·c; a zero c has <Δ, c> = 0: no parallel part
+    a = torch.mul(b, k).mul_(eta - 1.0).add_(1.0)  # 1 - (w-1) s (1-η) k
+    ab = append_dims(torch.stack((a, b)).to(c.dtype), c.ndim + 1)  # one cast for both coefficients
+    return torch.mul(c, ab[0]).addcmul_(d, ab[1]).to(pred_cond.dtype)
 
 
 def apg(pred_cond: Tensor, pred_uncond: Tensor, scale: float, eta: float = 0.0, norm_threshold: float = 0.0) -> Tensor:
@@ -209,17 +211,14 @@ def _gram(a: Tensor, b: Tensor, squares_b: bool = True) -> tuple[Tensor, Tensor,
     synchronisation) and carry gradients. ``squares_b=False`` skips ``⟨b, b⟩`` (returned as ``None``).
     """
     rows_a, rows_b = a.flatten(1), b.flatten(1)  # flatten, not reshape(b, -1): an empty batch works too
-    aa = [torch.dot(x, x) for x in rows_a]
-    ab = [torch.dot(x, y) for x, y in zip(rows_a, rows_b, strict=True)]
-    bb = [torch.dot(y, y) for y in rows_b] if squares_b else None
-    if not aa:  # an empty batch
+    dots = [torch.dot(x, x) for x in rows_a] + [torch.dot(x, y) for x, y in zip(rows_a, rows_b, strict=True)]
+    if squares_b:
+        dots += [torch.dot(y, y) for y in rows_b]
+    if not dots:  # an empty batch
         empty = a.new_zeros(0, dtype=torch.float64)
         return empty, empty, empty if squares_b else None
-    return (
-        torch.stack(aa).to(torch.float64),
-        torch.stack(ab).to(torch.float64),
-        None if bb is None else torch.stack(bb).to(torch.float64),
-    )
+    columns = torch.stack(dots).to(torch.float64).view(-1, a.shape[0]).unbind(0)  # one stack, one cast
+    return columns[0], columns[1], columns[2] if squares_b else None
 
 
 def _per_sample(v: Tensor, like: Tensor) -> Tensor:
