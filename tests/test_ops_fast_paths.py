@@ -2,7 +2,7 @@
 
 APG's one-pass combination (:func:`apg_from_delta`) against the paper's projection form
 (:func:`apg_plain`); SAMG's fused default scale map (:func:`samg_scale_map`) against the channel-mean
-energy, min-max normalisation and linear map composed (:func:`samg_scale_map_plain`). Gradients are
+energy, min-max normalisation and linear map composed (``fused=False``). Gradients are
 checked in float64 with ``torch.autograd.gradcheck`` (issue 18, defect 5: APG detached its coefficients
 through ``.tolist()``, SAMG's in-place ops made ``backward()`` raise).
 """
@@ -14,7 +14,7 @@ import torch
 
 import guidekit as gk
 from guidekit.energy import BoundMapper, DeltaScore, GaussianSmooth, MinMax, QuantileClip, ThresholdMapper
-from guidekit.ops.energy import samg_scale_map, samg_scale_map_plain
+from guidekit.ops.energy import samg_scale_map
 from guidekit.ops.guidance import apg, apg_from_delta, apg_plain
 
 SHAPES = [(2, 4, 8, 8), (3, 4, 2, 6, 5), (1, 3, 7)]
@@ -58,7 +58,7 @@ def test_apg_on_an_empty_batch_passes_it_through() -> None:
 def test_samg_fused_scale_map_equals_the_composed_formula(shape, decreasing, over) -> None:
     c, u = _pair(shape)
     fused = samg_scale_map(c, u, 4.0, 11.0, decreasing, over)
-    plain = samg_scale_map_plain(c, u, 4.0, 11.0, decreasing, over)
+    plain = samg_scale_map(c, u, 4.0, 11.0, decreasing, over, fused=False)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5 * 11.0)
     assert fused.shape == (shape[0], 1, *shape[2:])
 
@@ -66,7 +66,7 @@ def test_samg_fused_scale_map_equals_the_composed_formula(shape, decreasing, ove
 def test_samg_strategy_takes_the_fused_path_with_the_formulas_result() -> None:
     c, u = _pair((2, 4, 8, 8))
     ctx = gk.GuidanceContext.default(c)
-    omega = samg_scale_map_plain(c, u, 5.0, 12.0)
+    omega = samg_scale_map(c, u, 5.0, 12.0, fused=False)
     torch.testing.assert_close(gk.SAMG(5.0, 12.0)(c, u, ctx), u + omega * (c - u), rtol=1e-5, atol=1e-5)
 
 

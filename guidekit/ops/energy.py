@@ -2,8 +2,8 @@
 
 Energy maps have shape ``(b, 1, *spatial)``: one value per latent point, shared by all channels.
 Predictions are ``(b, c, *spatial)``. Everything is computed in at least float32 (float64 stays float64).
-The fused default scale map (:func:`samg_scale_map`) sits next to the composition it replaces
-(:func:`samg_scale_map_plain`), and the tests show they agree.
+The fused default scale map (:func:`samg_scale_map`) keeps the composition it replaces beside it
+(``fused=False``), and the tests show they agree.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ __all__ = [
     "quantile_clip",
     "reflect_indices",
     "samg_scale_map",
-    "samg_scale_map_plain",
     "smoothing_matrix",
     "threshold_scale",
 ]
@@ -126,23 +125,6 @@ def minmax_linear_scale(
     return (energy - lo).mul_(slope).add_(start).clamp_(w_min, w_max)  # clamp: rounding guard only
 
 
-def samg_scale_map_plain(
-    pred_cond: Tensor,
-    pred_uncond: Tensor,
-    w_min: float,
-    w_max: float,
-    decreasing: bool = True,
-    over: Normalization = "sample",
-    tau: float = DEFAULT_TAU,
-) -> Tensor:
-    """SAMG's default scale map as written (methods.md §3.2): channel-mean energy, min-max, linear map.
-
-    ``Ω = linear_scale(minmax_normalize(delta_energy(c, u, "mean")))``: the reference of :func:`samg_scale_map`.
-    """
-    energy = minmax_normalize(delta_energy(pred_cond, pred_uncond, "mean"), over, tau)
-    return linear_scale(energy, w_min, w_max, decreasing)
-
-
 def samg_scale_map(
     pred_cond: Tensor,
     pred_uncond: Tensor,
@@ -151,13 +133,19 @@ def samg_scale_map(
     decreasing: bool = True,
     over: Normalization = "sample",
     tau: float = DEFAULT_TAU,
+    *,
+    fused: bool = True,
 ) -> Tensor:
-    """The fast path of :func:`samg_scale_map_plain` (tested equal to float rounding).
+    """SAMG's default scale map Ω (methods.md §3.2), ``(b, 1, *spatial)``, float32 (float64 for float64 inputs).
 
-    Min-max normalisation is invariant to scaling the energy, so the channel *sum* stands in for the mean
-    (one pass less), and normalisation and linear map are one affine map per sample
-    (:func:`minmax_linear_scale`). Ω is ``(b, 1, *spatial)``, float32 (float64 for float64 inputs).
+    ``fused=False`` is the formula as written: ``linear_scale(minmax_normalize(delta_energy(c, u, "mean")))``.
+    ``fused=True`` (the default) is its fast path, tested equal to float rounding: min-max normalisation is
+    invariant to scaling the energy, so the channel *sum* stands in for the mean (one pass less), and
+    normalisation and linear map are one affine map per sample (:func:`minmax_linear_scale`).
     """
+    if not fused:
+        energy = minmax_normalize(delta_energy(pred_cond, pred_uncond, "mean"), over, tau)
+        return linear_scale(energy, w_min, w_max, decreasing)
     energy = delta_energy(pred_cond, pred_uncond, "sum")
     return minmax_linear_scale(energy, w_min, w_max, decreasing, over, tau)
 
