@@ -124,7 +124,7 @@ class VPModel(ModelAdapter):
     """A discrete-time VP model (DDPM, SD, SDXL, ModelScope, CogVideoX) predicting ``eps``, ``v`` or ``x0``.
 
     ``t`` is the training timestep of ``sigma`` on the ``alphas_cumprod`` grid (fractional between grid
-    points, :func:`~guidekit.samplers.conversions.vp_timestep_from_sigma`); the input is ``alpha · x``.
+    points, :func:`~guidekit.ops.timesteps.vp_timestep_from_sigma`); the input is ``alpha · x``.
 
     Args:
         model: ``model(x_vp, t, cond) -> prediction``.

@@ -25,7 +25,7 @@ class ADG(GuidanceStrategy):
     angle domain instead: with θ the angle between ``x0_c`` and ``x0_u`` and ``w' = max(w - 1, 0) + floor``,
     the output is ``x0_c`` rotated by ``min(w'θ, max_angle)`` in the plane of the two, so its norm stays
     below ``√2 ‖x0_c‖``. Official rule of jinc7461/ADG (``method/ADG_SD3.py``), in x0 space, float64;
-    see :func:`guidekit.functional_extra.adg`.
+    see :func:`guidekit.ops.guidance.adg`.
 
     Args:
         scale: guidance weight ``w`` (official API default 7.0; the README runs SD3.5 at 4). ``w <= 1``

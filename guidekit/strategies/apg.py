@@ -51,7 +51,7 @@ class APG(GuidanceStrategy):
 
     Norms and projections run per sample over all non-batch dims (the paper's ``dim=[-1, -2, -3]`` would
     give per-channel norms on 5D video). The three reductions are BLAS dot products and the per-sample
-    coefficients are float64 (:func:`guidekit.functional.apg_from_delta`).
+    coefficients are float64 (:func:`guidekit.ops.guidance.apg_from_delta`).
 
     **Paper vs diffusers.** diffusers' ``AdaptiveProjectedGuidance`` returns ``u + w · update`` with
     defaults ``eta=1``, no momentum; we follow the paper, ``c + (w - 1) · update``, with its SDXL defaults

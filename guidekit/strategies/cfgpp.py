@@ -31,7 +31,7 @@ class CFGPlusPlus(GuidanceStrategy):
     all one update in EDM coordinates. It is sampler-coupled: the guided loop returns
     :class:`~guidekit.samplers.Denoised` ``(x0_λ, ε_u)`` (:meth:`renoise_prediction`), and every sampler
     steps from ``x0_λ`` along ``ε_u``. For deterministic first-order samplers a step equals plain CFG at
-    ``w_eff = λ σ / (σ - σ')`` (:func:`guidekit.functional_extra.cfgpp_weight`); the last step
+    ``w_eff = λ σ / (σ - σ')`` (:func:`guidekit.ops.guidance.cfgpp_weight`); the last step
     (``σ' = 0``) returns CFG's x0 at ``λ``. λ ∈ [0, 1] behaves like ``w ∈ [1, 12.5]`` (README); the
     official SD1.5 setting is 0.6 (diffusers' experimental guider used 0.7).
 

@@ -23,7 +23,7 @@ class FDG(GuidanceStrategy):
     """CFG with one scale per level of a Laplacian pyramid (paper Alg. 1; diffusers ``FrequencyDecoupledGuidance``).
 
     Low guidance on the coarse levels keeps colour and composition varied; high guidance on the fine
-    levels sharpens detail. The pyramid is plain torch (:mod:`guidekit.frequency`, kornia's filters), and
+    levels sharpens detail. The pyramid is plain torch (:mod:`guidekit.ops.frequency`, kornia's filters), and
     reconstructs exactly for every size. 5D latents run per frame. Optional per-level ``parallel_weights``
     down-weight the part of ``Δ_k`` parallel to ``c_k`` (APG-style, float64).
 

@@ -27,7 +27,7 @@ class Rescale(Combinator):
     """Guidance rescale around any strategy (Lin, Liu, Li & Yang, WACV 2024, arXiv 2305.08891, §3.4).
 
     ``ĝ = inner(c, u)``, then per sample ``out = φ · ĝ · std(c)/std(ĝ) + (1 - φ) · ĝ``
-    (:func:`guidekit.functional.rescale_std`; diffusers' ``rescale_noise_cfg`` / ``guidance_rescale``).
+    (:func:`guidekit.ops.guidance.rescale_std`; diffusers' ``rescale_noise_cfg`` / ``guidance_rescale``).
     It fixes the over-exposure of high CFG scales, most of all with zero-terminal-SNR schedules.
 
     Rescaling is not linear, so the prediction space matters. The paper rescales v-predictions and

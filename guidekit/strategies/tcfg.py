@@ -24,7 +24,7 @@ class TCFG(GuidanceStrategy):
     predictions (paper eq. 8), then ``u' + w (c - u')``. This damps the tangential part of ``u`` that
     points off the data manifold. diffusers' ``TangentialClassifierFreeGuidance`` runs a float32 SVD; we
     take the closed-form eigenvector of the 2x2 Gram matrix in float64
-    (:func:`guidekit.functional_extra.tangential_projection`), the same projection at O(N) cost.
+    (:func:`guidekit.ops.guidance.tangential_projection`), the same projection at O(N) cost.
     Space: the model's raw output (eps for UNets, velocity for SD3), as in diffusers.
 
     Args:

@@ -30,7 +30,7 @@ class TVCFG(ScheduledScale):
     guidance suppresses fine variation (concentration), the middle (mode separation) is where it pays.
     Official schedule (sqt24/tvcfg ``guidance_schedulers.py``, ``symmetric``): a triangle from 1 up to
     ``2w̄ - 1`` at step ``⌊N/2⌋`` and back, rescaled so that ``Σ w_i Δt_i = w̄`` with ``w̄ = inner.scale``
-    (:func:`guidekit.scale_schedules.tvcfg_scales`). Works over any inner strategy with a ``scale``
+    (:func:`guidekit.ops.schedules.tvcfg_scales`). Works over any inner strategy with a ``scale``
     (the paper also runs it with APG).
 
     Args:
