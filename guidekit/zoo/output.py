@@ -52,7 +52,8 @@ class StagedOutput:
         self.argument = argument
         earlier = self._earlier_run()
         if earlier and not force:
-            shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+            files = [name for name in earlier if name != MANIFEST] or earlier
+            shown = ", ".join(files[:4]) + (", ..." if len(files) > 4 else "")
             raise ConfigError(
                 f"{argument}: expected a folder without an earlier run (pass --force to replace it), "
                 f"got {str(out)!r} holding {shown}"
