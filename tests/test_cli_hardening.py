@@ -91,6 +91,14 @@ def test_ctrl_c_while_writing_keeps_the_previous_run(
     assert _snapshot(earlier_run) == before and not _leftovers(earlier_run)
 
 
+def test_out_may_be_a_link_to_an_empty_folder(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    assert main([*GMM, "-s", "cfg", "--out", str(tmp_path / "link")]) == 0
+    assert (tmp_path / "link").is_symlink() and (real / "metrics.json").exists()
+
+
 def test_ctrl_c_while_writing_a_first_run_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

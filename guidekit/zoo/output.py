@@ -108,7 +108,7 @@ class StagedOutput:
         files = sorted(p.name for p in self.staging.iterdir())
         (self.staging / MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n")
         with _ctrl_c_held_back():
-            if not self.target.exists() or not any(self.target.iterdir()):
+            if not self.target.exists() or not (self.target.is_symlink() or any(self.target.iterdir())):
                 if self.target.exists():
                     self.target.rmdir()
                 os.rename(self.staging, self.target)
