@@ -7,7 +7,8 @@ CFG(scale=7.5)
 
 from __future__ import annotations
 
-from . import energy, ops, strategies
+from . import energy, engine, ops, strategies
+from .branch import COND, UNCOND, Branch, NoPerturbation, Perturbation
 from .config import ComponentSpec, build, load_spec, to_spec
 from .context import GuidanceContext
 from .errors import (
@@ -33,6 +34,7 @@ from .strategies import (
     AutoGuidance,
     CFGPlusPlus,
     CFGZeroStar,
+    Combinator,
     DynamicCFG,
     GuidanceStrategy,
     Interval,
@@ -48,15 +50,19 @@ __all__ = [
     "ADG",
     "APG",
     "CFG",
+    "COND",
     "FDG",
     "REGISTRIES",
     "SAMG",
     "TCFG",
     "TVCFG",
+    "UNCOND",
     "AdaptiveGuidance",
     "AutoGuidance",
+    "Branch",
     "CFGPlusPlus",
     "CFGZeroStar",
+    "Combinator",
     "ComponentSpec",
     "ConfigError",
     "DynamicCFG",
@@ -65,7 +71,9 @@ __all__ = [
     "GuidekitError",
     "Interval",
     "LayoutError",
+    "NoPerturbation",
     "NonFiniteError",
+    "Perturbation",
     "PluginError",
     "Ramp",
     "Registry",
@@ -77,6 +85,7 @@ __all__ = [
     "UnknownNameError",
     "build",
     "energy",
+    "engine",
     "guided",
     "load_spec",
     "ops",

@@ -36,6 +36,10 @@ class GuidanceContext:
             or ``None`` when the caller does not provide it.
         allow_nonfinite: if False (default) strategies raise :class:`~guidekit.errors.NonFiniteError` on
             NaN/Inf in their output instead of returning it.
+        step_sigma: the step's noise level in the schedule, as a Python float (float64), when the caller
+            knows the schedule: the same for every evaluation of a step (predictor, corrector, a churned
+            ``sigma_hat``) and in every dtype. Decisions on the noise level (Interval's window) read it, so
+            a window means the same steps in float32 and float64 and on every sampler.
     """
 
     sigma: Tensor
@@ -47,6 +51,7 @@ class GuidanceContext:
     space: PredictionSpace | None = "eps"
     x: Tensor | None = None
     allow_nonfinite: bool = False
+    step_sigma: float | None = None
 
     @classmethod
     def default(cls, like: Tensor, sigma: float = 1.0, **kwargs: object) -> GuidanceContext:

@@ -13,8 +13,9 @@ honoured, and ``build(to_spec(s)) == s``. Plugin authors run them in their own t
     def test_contract(case):
         case.run()
 
-A strategy that cannot be built with defaults defines a classmethod ``contract_example()`` returning an
-instance. A check that does not apply by design is listed with a reason in a class attribute
+A strategy that cannot be built with defaults overrides the classmethod
+:meth:`GuidanceStrategy.contract_example` to return an instance. A check that does not apply by design is
+listed with a reason in the class attribute :attr:`GuidanceStrategy.contract_exempt`, e.g.
 ``contract_exempt = {"rank_flattening": "smooths over (h, w)"}``.
 
 The hypothesis generators (:func:`layouts`, :func:`shapes`, :func:`pred_pairs`, :func:`sigmas`,
@@ -33,8 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .branch import Branch
 from .config import ComponentSpec, build, to_spec
 from .context import GuidanceContext
+from .engine.backend import Backend
 from .ops.shapes import canonical_layout, from_canonical, parse_layout, to_canonical
 from .registry import STRATEGIES
 from .strategies.base import GuidanceStrategy
@@ -503,6 +506,77 @@ def check_spec_round_trip(s: GuidanceStrategy, ex: Example) -> str | None:
     return None
 
 
+def _plan_predictions(plan: Sequence[Branch], c: Tensor, u: Tensor) -> dict[str, Tensor]:
+    """Predictions for a plan: ``cond`` gets ``c``, every other branch ``u`` (the contract's pair)."""
+    return {b.name: c if b.name == "cond" else u for b in plan}
+
+
+def check_plan(s: GuidanceStrategy, ex: Example) -> str | None:
+    """The plan is a tuple of :class:`~guidekit.branch.Branch` with unique names, on models the strategy
+    declares, and names every prediction the combine reads (a combine given only the plan's predictions
+    runs and matches the two-branch call where the plan is ``cond``/``uncond``)."""
+    c, u = ex.pred_cond, ex.pred_uncond
+    for step, sub in ((0, 0), (0, 1), (5, 0)):
+        ctx = ex.context(step=step, substep=sub)
+        state = s.init_state(c)
+        plan = s.branches(ctx, state)
+        if not isinstance(plan, tuple) or not all(isinstance(b, Branch) for b in plan):
+            return f"branches() returned {plan!r}, expected a tuple of Branch"
+        names = [b.name for b in plan]
+        if len(set(names)) != len(names):
+            return f"branches() named a branch twice: {names}"
+        unknown = {b.model for b in plan} - s.models()
+        if unknown:
+            return f"branches() used models {sorted(unknown)} that models() = {sorted(s.models())} does not declare"
+        try:
+            out, _ = s.step_branches(_plan_predictions(plan, c, u), ctx, state)
+        except KeyError as exc:
+            return f"combine_branches read a prediction the plan {names} does not name: {exc}"
+        if out.shape != c.shape:
+            return (
+                f"combine_branches on the plan's predictions gave shape {tuple(out.shape)}, expected {tuple(c.shape)}"
+            )
+        if set(names) == {"cond", "uncond"} and not torch.equal(out, s.step(c, u, ctx, state)[0]):
+            return "combine_branches on the plan's predictions differs from step(c, u)"
+    return None
+
+
+class _CountingBackend(Backend):
+    """A contract backend that answers every branch from the example pair and counts the rows it runs."""
+
+    def __init__(self, c: Tensor, u: Tensor, models: frozenset[str]) -> None:
+        self.c, self.u, self._models, self.rows = c, u, models, 0
+
+    def models(self) -> frozenset[str]:
+        return self._models
+
+    def prediction(self, model: str) -> Any:
+        return "x0"
+
+    def forward(self, x: Tensor, sigma: Tensor, branches: Sequence[Branch], conditions: Any) -> dict[str, Tensor]:
+        self.rows += len(branches) * x.shape[0]
+        return _plan_predictions(branches, self.c, self.u)
+
+
+def check_nfe(s: GuidanceStrategy, ex: Example) -> str | None:
+    """Through the engine over a predictor/corrector run, the NFE counted from the plans equals the rows
+    the backend evaluated, and the engine's output is the strategy's own combine."""
+    from .engine import Engine, Position
+
+    c, u = ex.pred_cond, ex.pred_uncond
+    backend = _CountingBackend(c, u, s.models() | {"main"})
+    engine = Engine(s, backend, {})
+    schedule = torch.tensor([12.0, 4.0, 1.0, 0.0], dtype=torch.float64)
+    x = ex.context().x
+    for i in range(3):
+        for sub in (0, 1) if i < 2 else (0,):
+            position = Position(i, 3, sub, schedule, float(schedule[i]), float(schedule[i + 1]))
+            engine.evaluate(x, schedule[i + sub].expand(c.shape[0]).to(c.device), position)
+    if engine.nfe * c.shape[0] != backend.rows:
+        return f"the engine counted {engine.nfe} NFE per sample, the backend evaluated {backend.rows} rows"
+    return None
+
+
 CHECKS: dict[str, Callable[[GuidanceStrategy, Example], str | None]] = {
     "shape_dtype_device": check_shape_dtype_device,
     "finite": check_finite,
@@ -513,6 +587,8 @@ CHECKS: dict[str, Callable[[GuidanceStrategy, Example], str | None]] = {
     "rank_flattening": check_rank_flattening,
     "layout_round_trip": check_layout_round_trip,
     "needs_uncond": check_needs_uncond,
+    "plan": check_plan,
+    "nfe": check_nfe,
     "spec_round_trip": check_spec_round_trip,
 }
 """Contract check name -> ``check(strategy, example)`` returning ``None`` or what went wrong."""
@@ -522,8 +598,7 @@ CHECKS: dict[str, Callable[[GuidanceStrategy, Example], str | None]] = {
 def example_strategy(name: str) -> GuidanceStrategy:
     """The instance the contract checks for a registered name: ``contract_example()`` or ``build(name)``."""
     cls = STRATEGIES.get(name)
-    factory = getattr(cls, "contract_example", None)
-    return factory() if callable(factory) else build(name)
+    return cls.contract_example() if issubclass(cls, GuidanceStrategy) else build(name)
 
 
 def _resolve(strategy: str | GuidanceStrategy) -> GuidanceStrategy:
@@ -534,7 +609,7 @@ def _resolve(strategy: str | GuidanceStrategy) -> GuidanceStrategy:
 
 
 def _exemptions(s: GuidanceStrategy) -> dict[str, str]:
-    return dict(getattr(type(s), "contract_exempt", {}) or {})
+    return dict(type(s).contract_exempt)
 
 
 def _run_check(s: GuidanceStrategy, check: str, ex: Example) -> str | None:

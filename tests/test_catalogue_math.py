@@ -225,10 +225,10 @@ def test_cfg_zero_star_zero_init_steps(pair, zero_init_steps):
         ctx = ctx_for(c, step=step, num_steps=10, space="flow")
         out = s(c, u, ctx)
         if step < zero_init_steps:
-            assert s.skips_model(ctx) and not s.needs_uncond(ctx)
+            assert s.branches(ctx, None) == () and not s.needs_uncond(ctx)  # the empty plan: no network
             assert torch.equal(out, torch.zeros_like(c))  # v = 0: the flow sample does not move
         else:
-            assert not s.skips_model(ctx)
+            assert s.branches(ctx, None) != ()
             assert close(out, cfg_zero_star(c, u, 5.0), 1e-12)
 
 

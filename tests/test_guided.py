@@ -211,7 +211,8 @@ def test_the_loop_advances_state_once_per_step_under_heun():
     sample_heun(den, vp().initial_x(noise(B), SIGMAS[0]), SIGMAS)
     n = len(SIGMAS) - 1
     assert [(step, sub, state) for step, sub, state, *_ in spy.log if sub == 0] == [(i, 0, i) for i in range(n)]
-    assert [(step, state) for step, sub, state, *_ in spy.log if sub == 1] == [(i, i) for i in range(n - 1)]
+    # a corrector is handed the state its step's first evaluation returned, and what it returns is dropped
+    assert [(step, state) for step, sub, state, *_ in spy.log if sub == 1] == [(i, i + 1) for i in range(n - 1)]
 
 
 def test_apg_momentum_advances_once_per_step_under_heun():
@@ -228,8 +229,8 @@ def test_apg_momentum_advances_once_per_step_under_heun():
         _, state = apg.step(c, u, ctx, state)
         assert torch.allclose(new_state.running, state.running, atol=1e-12)
     for step, _, seen_state, *_ in (entry for entry in spy.log if entry[1] == 1):
-        start = next(e[2] for e in predictors if e[0] == step)
-        assert torch.equal(seen_state.running, start.running)
+        after = next(e[3] for e in predictors if e[0] == step)  # the corrector is handed the predictor's state
+        assert torch.equal(seen_state.running, after.running) and seen_state.step == step
 
 
 def test_a_strategy_object_is_reusable_across_runs():
@@ -400,4 +401,4 @@ def test_state_any_type_passes_through():
 
     den = gk.guided(vp(), Tagged(), LABELS, UNCOND)
     sample_euler(den, vp().initial_x(noise(B), SIGMAS[0]), SIGMAS)
-    assert den._state == ("tag", len(SIGMAS) - 1)
+    assert den.engine._state == ("tag", len(SIGMAS) - 1)

@@ -27,7 +27,7 @@ from ..context import PredictionSpace
 from ..errors import ConfigError, ShapeError
 from ..ops.checks import all_finite, check_finite
 from ..ops.shapes import check_layout, from_canonical, parse_layout, to_canonical
-from ..ops.spaces import edm_x_from, flow_t_from_sigma, flow_x, to_x0, vp_x
+from ..ops.spaces import compute_dtype, edm_x_from, flow_t_from_sigma, flow_x, to_x0, vp_x
 from ..ops.timesteps import betas_linear, timestep_from_log_sigmas
 from ..ops.timesteps import log_sigmas as _log_sigmas
 from .base import StepInfo
@@ -79,9 +79,7 @@ class ModelAdapter(ABC):
     def predict(self, x: Tensor, sigma: Tensor, cond: Any = None, *, allow_nonfinite: bool = False) -> Tensor:
         """One forward pass: the native prediction at EDM ``(x, sigma)``, in ``(b, c, *spatial)``."""
         x_in = from_canonical(self.to_native_x(x, sigma), self.layout)
-        t = self.model_time(sigma).to(
-            device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32
-        )
+        t = self.model_time(sigma).to(device=x.device, dtype=compute_dtype(x))
         out = self.model(x_in, t, cond)
         if not isinstance(out, Tensor) or out.shape != x_in.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__

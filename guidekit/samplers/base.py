@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
-from ..ops.spaces import eps_from_x0
+from ..ops.spaces import compute_dtype, eps_from_x0
 
 __all__ = [
     "Callback",
@@ -42,7 +42,8 @@ class StepInfo:
     """Where an evaluation sits in the run: step ``step`` of ``num_steps`` over ``sigmas``, substep ``substep``.
 
     ``substep`` is 0 for a step's first evaluation and 1 for a corrector (Heun). ``sigmas`` is the full
-    EDM schedule ``(num_steps + 1,)``; the step goes from ``sigmas[step]`` to :attr:`sigma_next`.
+    EDM schedule ``(num_steps + 1,)`` as the sampler got it from :func:`check_sigmas` (float64); the step
+    goes from ``sigmas[step]`` to :attr:`sigma_next`.
     """
 
     step: int
@@ -87,10 +88,14 @@ Callback = Callable[[SamplerStep], None]
 
 
 def check_sigmas(sigmas: Tensor, x: Tensor) -> Tensor:
-    """Validate a schedule and return it on ``x``'s device in the sampler's compute dtype.
+    """Validate a schedule and return it on ``x``'s device in float64 (float32 where the device has no
+    float64, Apple MPS).
 
     Expected: 1-D, at least 2 entries, non-negative, strictly decreasing, ending at 0, no NaN; ``inf``
-    only as the first entry (flow ``t = 1``).
+    only as the first entry (flow ``t = 1``). The schedule stays float64 whatever ``x``'s dtype: the
+    sampler's scalar coefficients are computed in float64 (a 0-d tensor does not change ``x``'s dtype),
+    and :class:`StepInfo` hands the guidance engine the exact schedule values, so a noise-level window
+    means the same steps in a float32 and a float64 run.
     """
     if not isinstance(sigmas, Tensor):
         sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
@@ -110,7 +115,7 @@ def check_sigmas(sigmas: Tensor, x: Tensor) -> Tensor:
         raise ConfigError("sigmas: expected inf only as the first entry, got inf later in the schedule")
     if x.ndim < 2:
         raise ShapeError(f"x: expected (b, c, *spatial), got shape {tuple(x.shape)}")
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = torch.float32 if x.device.type == "mps" else torch.float64
     return sigmas.to(device=x.device, dtype=dtype)
 
 
@@ -122,13 +127,14 @@ def evaluate(denoiser: Denoiser, x: Tensor, sigma: Tensor, info: StepInfo) -> tu
     ``x0 + sigma · eps``, so every update below steps from ``x0`` along ``eps`` (CFG++).
     """
     b = x.shape[0]
-    out = denoiser(x, sigma.expand(b), info)
+    sigma_b = sigma.to(compute_dtype(x)).expand(b)
+    out = denoiser(x, sigma_b, info)
     denoised = out.x0 if isinstance(out, Denoised) else out
     if not isinstance(denoised, Tensor) or denoised.shape != x.shape:
         got = tuple(denoised.shape) if isinstance(denoised, Tensor) else type(denoised).__name__
         raise ShapeError(f"denoiser output: expected shape {tuple(x.shape)}, got {got}")
     if not isinstance(out, Denoised):
-        return x, denoised, eps_from_x0(denoised, x, sigma.expand(b))
+        return x, denoised, eps_from_x0(denoised, x, sigma_b)
     d = out.eps
     if bool(torch.isinf(sigma)):
         return d, denoised, d  # the limit of (x0 + sigma · eps) / sigma

@@ -24,13 +24,15 @@ def sample_dpmpp_2m(
 
     With ``t = -log sigma`` and ``h = t_next - t``: ``x' = (sigma'/sigma) x - expm1(-h) D``, where ``D``
     extrapolates the last two denoised values with ``r = h_last / h``. The first step, the last step (to 0)
-    and a step from sigma = inf are first order (the first-order update is DDIM).
+    and a step from sigma = inf are first order (the first-order update is DDIM). With a sampler-coupled
+    denoiser the history holds the x0 of its noise direction (CFG++'s unconditional one).
     """
     sigmas = check_sigmas(sigmas, x)
     n = len(sigmas) - 1
     old_denoised: Tensor | None = None
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x_in = x
         x, denoised, d = evaluate(denoiser, x, sigma, StepInfo(i, n, sigmas))
         if torch.isinf(sigma):
             # First-order step from the limit (x holds x / sigma).
@@ -45,6 +47,10 @@ def sample_dpmpp_2m(
                 r = (t - (-sigmas[i - 1].log())) / h
                 denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
             x = (sigma_next / sigma) * x - torch.expm1(-h) * denoised_d
-        old_denoised = denoised
+        # The history is the x0 the step's noise direction implies: ``denoised`` itself, or, for a
+        # sampler-coupled denoiser (CFG++: ``Denoised(x0_λ, eps_u)``), ``x - sigma·eps_u = D_u`` (official
+        # CFG++ DPM-Solver++(2M); ComfyUI's dpmpp_2m_cfg_pp).
+        coupled = x is not x_in and bool(torch.isfinite(sigma))
+        old_denoised = x_in - sigma * d if coupled else denoised
         report(callback, i, sigmas, x, denoised)
     return x

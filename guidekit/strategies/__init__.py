@@ -10,7 +10,7 @@ from .adaptive import AdaptiveGuidance
 from .adg import ADG
 from .apg import APG
 from .autoguidance import AutoGuidance
-from .base import GuidanceStrategy
+from .base import Combinator, GuidanceStrategy
 from .cfg import CFG
 from .cfg_zero_star import CFGZeroStar
 from .cfgpp import CFGPlusPlus
@@ -36,6 +36,7 @@ __all__ = [
     "AutoGuidance",
     "CFGPlusPlus",
     "CFGZeroStar",
+    "Combinator",
     "DynamicCFG",
     "GuidanceStrategy",
     "Interval",

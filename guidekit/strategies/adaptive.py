@@ -8,13 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..branch import COND, UNCOND, Plan, merge_plans
 from ..context import GuidanceContext, StrategySpace
 from ..errors import ConfigError
 from ..ops.checks import check_number
 from ..ops.guidance import per_sample_cosine
 from ..ops.shapes import append_dims
 from ..registry import STRATEGIES
-from .base import GuidanceStrategy, sampler_coupled
+from .base import GuidanceStrategy, Predictions
 from .cfg import CFG
 
 __all__ = ["AdaptiveGuidance"]
@@ -31,7 +32,9 @@ class AdaptiveGuidance(GuidanceStrategy):
     Late in sampling the CFG update aligns with the conditional prediction, so AG stops guiding a sample
     from the first step where ``γ = cos(c, u) > threshold`` (per sample, over all non-batch dims, float64)
     and never guides it again: the flag is monotone and lives in the explicit state, advanced on
-    ``substep == 0`` only (a Heun corrector reuses its step's decision). Before the switch the output is
+    ``substep == 0`` only; the engine hands a Heun corrector the state its step's first evaluation
+    returned, so both evaluations of the switching step follow that step's decision (the corrector of a
+    sample that switched uses ``c`` and, once all have, runs no unconditional branch). Before the switch the output is
     ``inner``'s; from the switching step on it is ``c``. Once every sample has switched,
     :meth:`needs_uncond_state` is False and the loop stops calling the unconditional branch.
     Rule after asagi4/ComfyUI-Adaptive-Guidance, the one implementation read (it tests ``>=`` on the whole
@@ -54,7 +57,7 @@ class AdaptiveGuidance(GuidanceStrategy):
     def __post_init__(self) -> None:
         if not isinstance(self.inner, GuidanceStrategy):
             raise ConfigError(f"inner: expected a GuidanceStrategy, got {type(self.inner).__name__}")
-        if sampler_coupled(self.inner):
+        if self.inner.sampler_coupled:
             raise ConfigError(
                 f"inner: expected a prediction-combining strategy, got the sampler-coupled {type(self.inner).__name__} "
                 "(its re-noising cannot follow AG's per-sample switch)"
@@ -72,21 +75,32 @@ class AdaptiveGuidance(GuidanceStrategy):
         return self.inner.needs_uncond(ctx)
 
     def needs_uncond_state(self, ctx: GuidanceContext, state: State) -> bool:
+        return any(b.name == "uncond" for b in self.branches(ctx, state))
+
+    def branches(self, ctx: GuidanceContext, state: State) -> Plan:
+        """``(COND,)`` once every sample has switched; before, the inner plan (with ``uncond`` for the
+        cosine on a step's first evaluation). A corrector is handed its step's decision in the state."""
         switched, inner_state = state
-        return not bool(switched.all()) and self.inner.needs_uncond_state(ctx, inner_state)
+        if bool(switched.all()) or not self.inner.needs_uncond_state(ctx, inner_state):
+            return (COND,)
+        plan = self.inner.branches(ctx, inner_state)
+        return merge_plans((COND, UNCOND), plan) if ctx.substep == 0 else merge_plans((COND,), plan)
+
+    def models(self) -> frozenset[str]:
+        return self.inner.models()
 
     def combine(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor:
         return self.combine_step(pred_cond, pred_uncond, ctx, self.init_state(pred_cond))[0]
 
-    def combine_step(
-        self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext, state: State
-    ) -> tuple[Tensor, State]:
+    def combine_branches(self, preds: Predictions, ctx: GuidanceContext, state: State) -> tuple[Tensor, State]:
         switched, inner_state = state
-        if ctx.substep == 0 and not bool(switched.all()):
-            switched = switched | (per_sample_cosine(pred_cond, pred_uncond) > self.threshold).to(switched.device)
-        if bool(switched.all()):
+        pred_cond = preds["cond"]
+        if ctx.substep == 0 and not bool(switched.all()) and "uncond" in preds:
+            gamma = per_sample_cosine(pred_cond, preds["uncond"])
+            switched = switched | (gamma > self.threshold).to(switched.device)
+        if bool(switched.all()) or len(preds) == 1:
             return pred_cond, (switched, inner_state)
-        guided, inner_state = self.inner.combine_step(pred_cond, pred_uncond, ctx, inner_state)
+        guided, new_inner = self.inner.combine_branches(preds, ctx, inner_state)
         if bool(switched.any()):
             guided = torch.where(append_dims(switched, guided.ndim), pred_cond, guided)
-        return guided, (switched, inner_state)
+        return guided, (switched, new_inner)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any
 
+from torch import Tensor
+
+from ..branch import COND, Branch, Plan
+from ..context import GuidanceContext
 from ..registry import STRATEGIES
+from .base import Predictions
 from .cfg import CFG
 
 __all__ = ["AutoGuidance"]
@@ -20,10 +25,9 @@ class AutoGuidance(CFG):
     of Itself" (NeurIPS 2024, arXiv 2406.02507, eq. 2; NVlabs/edm2 ``generate_images.py``): the guiding
     model is a smaller and/or less trained version of the main one, evaluated with the *same* condition.
     It sharpens samples like CFG without CFG's loss of variety, and works for unconditional models too.
-    The combine is CFG's (this subclass changes only the default and the branch): pass ``weak_model=``
-    to :func:`guidekit.sample` / :func:`guidekit.guided` (and no ``uncond``: the weak model then sees
-    ``cond``). The loop refuses to run this strategy without a weak model, since the unconditional branch
-    would silently turn it into CFG.
+    The combine is CFG's (this subclass changes the default and the plan): its second branch is
+    ``Branch("weak", model="weak")``, evaluated with the main model's condition. Pass ``weak_model=`` to
+    :func:`guidekit.sample` / :func:`guidekit.guided`; the engine refuses to run it without one.
 
     Args:
         scale: guidance weight ``w`` (the paper's ImageNet settings lie between about 2 and 3; ``w = 1`` is the
@@ -32,5 +36,17 @@ class AutoGuidance(CFG):
 
     scale: float = 2.0
 
-    requires_weak_model: ClassVar[bool] = True
-    """Read by the guided loop: the second branch must come from ``weak_model``."""
+    def branches(self, ctx: GuidanceContext, state: Any) -> Plan:
+        return (COND, WEAK) if self.scale != 1.0 else (COND,)
+
+    def models(self) -> frozenset[str]:
+        return frozenset({"main", "weak"})
+
+    def combine_branches(self, preds: Predictions, ctx: GuidanceContext, state: Any) -> tuple[Tensor, Any]:
+        cond = preds["cond"]
+        weak = preds["weak"] if "weak" in preds else preds.get("uncond", cond)  # two-branch calls: (c, weak)
+        return self.combine(cond, weak, ctx), state
+
+
+WEAK = Branch("weak", condition="cond", model="weak")
+"""The guiding model's prediction, with the same condition as the main one (paper eq. 2)."""

@@ -1,50 +1,88 @@
-"""The strategy interface every guidance method implements."""
+"""The strategy interface every guidance method implements, and the :class:`Combinator` base.
+
+A strategy talks to the engine (:mod:`guidekit.engine`) through declared members, each with a default, so
+nothing is probed with ``getattr``:
+
+* :meth:`GuidanceStrategy.branches` - the plan: which network evaluations this evaluation needs;
+* :meth:`GuidanceStrategy.combine_branches` - the guided prediction from ``{branch name: prediction}``;
+* :meth:`GuidanceStrategy.renoise_prediction` and :attr:`GuidanceStrategy.sampler_coupled` - the step hook
+  of sampler-coupled methods (CFG++ steps along the unconditional noise);
+* :meth:`GuidanceStrategy.models` - the models the plans may name (AutoGuidance's ``"weak"``);
+* :meth:`GuidanceStrategy.contract_example` and :attr:`GuidanceStrategy.contract_exempt` - what the shared
+  contract (:mod:`guidekit.testing`) checks.
+
+Two-branch strategies write only :meth:`~GuidanceStrategy.combine` (or
+:meth:`~GuidanceStrategy.combine_step`) and, to save the unconditional forward,
+:meth:`~GuidanceStrategy.needs_uncond`; the defaults map them onto the branch protocol.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from torch import Tensor
 
+from ..branch import COND, UNCOND, Plan
 from ..component import Component
 from ..context import GuidanceContext, StrategySpace
-from ..ops.checks import check_finite, check_pair
+from ..ops.checks import all_finite, check_finite, check_pair
 from ..registry import STRATEGIES
 
-__all__ = ["Combinator", "GuidanceStrategy", "nested_strategies", "sampler_coupled"]
+__all__ = ["Combinator", "GuidanceStrategy", "Predictions", "nested_strategies"]
+
+Predictions = Mapping[str, Tensor]
+"""``{branch name: prediction}`` in the strategy's space, as the engine hands them to a strategy."""
 
 
 class GuidanceStrategy(Component, ABC):
-    """Combine a conditional and an unconditional prediction into a guided one.
+    """Combine the predictions of the branches it asks for (by default ``cond`` and ``uncond``) into one.
 
     Tensors are ``(b, c, *spatial)`` of any rank (4D images, 5D video in ``(b, c, f, h, w)``); see
-    :mod:`guidekit.layout` for other layouts. Built-in strategies are frozen dataclasses whose fields are
-    their parameters, so they are immutable, comparable and serialisable with :func:`guidekit.to_spec`.
+    :mod:`guidekit.ops.shapes` for other layouts. Built-in strategies are frozen dataclasses whose fields
+    are their parameters, so they are immutable, comparable and serialisable with :func:`guidekit.to_spec`.
 
     Contract (checked for every registered name by :mod:`guidekit.testing`):
 
     * the output has the input's shape, dtype and device; batch elements are independent;
     * ``pred_cond == pred_uncond`` gives ``pred_cond``;
-    * state lives only in what :meth:`init_state` / :meth:`step` pass around, and advances once per
-      sampler step (``ctx.substep == 0``), never on a corrector evaluation.
-
-    Subclasses implement :meth:`combine` (stateless) or override :meth:`combine_step` (stateful).
+    * state lives only in what :meth:`init_state` / :meth:`combine_branches` pass around, and advances
+      once per sampler step: the state a step's first evaluation (``ctx.substep == 0``) returns is what
+      the step's corrector evaluations are handed and what the next step starts from; a corrector's
+      returned state is discarded;
+    * the plan (:meth:`branches`) names every prediction :meth:`combine_branches` reads.
     """
 
     registry: ClassVar = STRATEGIES
     space: ClassVar[StrategySpace] = "any"
-    """The prediction space the math is defined in; the guided loop converts into it and back."""
+    """The prediction space the math is defined in; the engine converts into it and back."""
 
-    # -- what the loop asks before the forward pass ----------------------------------------------
+    contract_exempt: ClassVar[Mapping[str, str]] = {}
+    """Contract checks this class is exempt from, ``{check name: why}`` (documented departures only)."""
+
+    # -- the plan: what the engine asks before the forward ---------------------------------------
     def needs_uncond(self, ctx: GuidanceContext) -> bool:
-        """Whether this evaluation needs the unconditional prediction (False saves one NFE)."""
+        """Two-branch strategies: whether this evaluation needs the unconditional prediction."""
         return True
 
     def needs_uncond_state(self, ctx: GuidanceContext, state: Any) -> bool:
-        """Like :meth:`needs_uncond`, for strategies whose answer depends on their state (AG)."""
+        """Like :meth:`needs_uncond`, for strategies whose answer depends on their state."""
         return self.needs_uncond(ctx)
+
+    def branches(self, ctx: GuidanceContext, state: Any) -> Plan:
+        """The network evaluations this evaluation needs: ``(COND, UNCOND)``, ``(COND,)`` when the
+        unconditional prediction is not needed, ``()`` when the network is not needed at all."""
+        return (COND, UNCOND) if self.needs_uncond_state(ctx, state) else (COND,)
+
+    def models(self) -> frozenset[str]:
+        """The models this strategy's plans may name (``"main"``; AutoGuidance adds ``"weak"``)."""
+        return frozenset({"main"})
+
+    @property
+    def sampler_coupled(self) -> bool:
+        """Whether the sampler must step along :meth:`renoise_prediction` (CFG++), not the guided noise."""
+        return False
 
     # -- state ----------------------------------------------------------------------------------
     def init_state(self, like: Tensor) -> Any:
@@ -62,13 +100,35 @@ class GuidanceStrategy(Component, ABC):
         """One step with explicit state; stateless strategies need not override it."""
         return self.combine(pred_cond, pred_uncond, ctx), state
 
-    def step(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext, state: Any) -> tuple[Tensor, Any]:
-        """Checked combine with explicit state: returns ``(guided, new_state)``."""
-        check_pair(pred_cond, pred_uncond)
-        out, state = self.combine_step(pred_cond, pred_uncond, ctx, state)
-        if not ctx.allow_nonfinite:
-            _check_output(out, pred_cond, pred_uncond)
+    def combine_branches(self, preds: Predictions, ctx: GuidanceContext, state: Any) -> tuple[Tensor, Any]:
+        """The guided prediction and the new state from the plan's predictions (unchecked).
+
+        The default maps ``preds["cond"]`` and ``preds["uncond"]`` (``cond`` again when the plan left the
+        unconditional branch out) onto :meth:`combine_step`.
+        """
+        cond = preds["cond"]
+        return self.combine_step(cond, preds.get("uncond", cond), ctx, state)
+
+    def renoise_prediction(self, preds: Predictions, ctx: GuidanceContext) -> Tensor | None:
+        """The step hook of sampler-coupled strategies: the prediction whose noise the sampler steps along
+        (CFG++: the unconditional one), or ``None`` to step along the guided prediction's own noise."""
+        return None
+
+    # -- checked entry points -----------------------------------------------------------------------
+    def step_branches(self, preds: Predictions, ctx: GuidanceContext, state: Any) -> tuple[Tensor, Any]:
+        """:meth:`combine_branches` with the output checked: a non-finite result names the input that
+        caused it (the engine calls this)."""
+        out, state = self.combine_branches(preds, ctx, state)
+        if not ctx.allow_nonfinite and not all_finite(out):
+            for name, pred in preds.items():
+                check_finite(pred, f"pred_{name}")
+            check_finite(out, "guided output")
         return out, state
+
+    def step(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext, state: Any) -> tuple[Tensor, Any]:
+        """Checked two-branch combine with explicit state: returns ``(guided, new_state)``."""
+        check_pair(pred_cond, pred_uncond)
+        return self.step_branches({"cond": pred_cond, "uncond": pred_uncond}, ctx, state)
 
     def __call__(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext | None = None) -> Tensor:
         """Stateless, checked call: ``step`` from a fresh state. ``ctx`` defaults to sigma = 1, step 0 of 1."""
@@ -83,17 +143,23 @@ class GuidanceStrategy(Component, ABC):
         """The effective guidance scale this strategy applies, broadcastable to the predictions.
 
         ``None`` when the strategy is not of the form ``u + Ω ⊙ (c - u)``. Spatial strategies (SAMG)
-        return a ``(b, 1, *spatial)`` map; the guided loop records it when asked to.
+        return a ``(b, 1, *spatial)`` map; the engine records it when asked to.
         """
         return None
+
+    @classmethod
+    def contract_example(cls) -> GuidanceStrategy:
+        """The instance the shared contract checks for this class (default: built with its defaults)."""
+        return cls()
 
 
 class Combinator(GuidanceStrategy):
     """A strategy around an ``inner`` one (Interval, Rescale, schedules).
 
-    Space, state, ``needs_uncond`` and the loop hooks (CFG++'s ``renoise_prediction``, CFG-Zero*'s
-    ``skips_model``) delegate to ``inner``; subclasses declare the ``inner`` dataclass field, implement
-    :meth:`combine_step` and override only what they change.
+    Space, state, the plan, the models, the step hook and ``sampler_coupled`` delegate to ``inner``, so a
+    branch an inner strategy adds passes through untouched. Subclasses declare the ``inner`` dataclass
+    field, implement :meth:`combine_branches` (calling ``inner.combine_branches``) and override only what
+    they change; the two-branch entry points map onto :meth:`combine_branches`.
     """
 
     if TYPE_CHECKING:
@@ -107,7 +173,17 @@ class Combinator(GuidanceStrategy):
         return self.inner.needs_uncond(ctx)
 
     def needs_uncond_state(self, ctx: GuidanceContext, state: Any) -> bool:
-        return self.inner.needs_uncond_state(ctx, state)
+        return any(b.name == "uncond" for b in self.branches(ctx, state))
+
+    def branches(self, ctx: GuidanceContext, state: Any) -> Plan:
+        return self.inner.branches(ctx, state)
+
+    def models(self) -> frozenset[str]:
+        return self.inner.models()
+
+    @property
+    def sampler_coupled(self) -> bool:
+        return self.inner.sampler_coupled
 
     def init_state(self, like: Tensor) -> Any:
         return self.inner.init_state(like)
@@ -115,45 +191,19 @@ class Combinator(GuidanceStrategy):
     def combine(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor:
         return self.combine_step(pred_cond, pred_uncond, ctx, self.init_state(pred_cond))[0]
 
-    @abstractmethod
     def combine_step(
         self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext, state: Any
-    ) -> tuple[Tensor, Any]: ...
+    ) -> tuple[Tensor, Any]:
+        return self.combine_branches({"cond": pred_cond, "uncond": pred_uncond}, ctx, state)
 
-    def skips_model(self, ctx: GuidanceContext) -> bool:
-        hook = getattr(self.inner, "skips_model", None)
-        return hook is not None and bool(hook(ctx))
+    @abstractmethod
+    def combine_branches(self, preds: Predictions, ctx: GuidanceContext, state: Any) -> tuple[Tensor, Any]: ...
 
-    def renoise_prediction(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor | None:
-        hook = getattr(self.inner, "renoise_prediction", None)
-        return None if hook is None else hook(pred_cond, pred_uncond, ctx)
-
-
-def _check_output(out: Tensor, pred_cond: Tensor, pred_uncond: Tensor) -> None:
-    """Non-finite output: name the input that caused it (inputs are read only on the error path).
-
-    One float reduction is the fast test: any NaN/Inf makes the sum non-finite. A finite tensor whose sum
-    overflows falls through to the exact element-wise check, so the test has no false alarms.
-    """
-    if bool(torch.isfinite(out.sum(dtype=torch.float32))) or bool(torch.isfinite(out).all()):
-        return
-    check_finite(pred_cond, "pred_cond")
-    check_finite(pred_uncond, "pred_uncond")
-    check_finite(out, "guided output")
+    def renoise_prediction(self, preds: Predictions, ctx: GuidanceContext) -> Tensor | None:
+        return self.inner.renoise_prediction(preds, ctx)
 
 
 def nested_strategies(strategy: object) -> list[GuidanceStrategy]:
-    """The strategies a combinator holds in its attributes (``Interval.inner``, ...); ``[]`` for a leaf."""
+    """The strategies a strategy holds in its attributes (``Interval.inner``, ...); ``[]`` for a leaf."""
     values = vars(strategy).values() if hasattr(strategy, "__dict__") else ()
     return [v for v in values if isinstance(v, GuidanceStrategy)]
-
-
-def sampler_coupled(strategy: GuidanceStrategy) -> bool:
-    """Whether ``strategy`` re-noises along its own direction (CFG++), itself or through its combinators.
-
-    A combinator is coupled when a strategy it wraps is; it then has to forward ``renoise_prediction``.
-    """
-    children = nested_strategies(strategy)
-    if children:
-        return any(sampler_coupled(child) for child in children)
-    return callable(getattr(strategy, "renoise_prediction", None))

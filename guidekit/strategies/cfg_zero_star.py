@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..branch import Plan
 from ..context import GuidanceContext
 from ..errors import ConfigError
 from ..ops.checks import check_number
 from ..ops.guidance import cfg_zero_star
 from ..registry import STRATEGIES
-from .base import GuidanceStrategy
+from .base import GuidanceStrategy, Predictions
 
 __all__ = ["CFGZeroStar"]
 
@@ -25,7 +27,7 @@ class CFGZeroStar(GuidanceStrategy):
     ``s*`` is the least-squares scale of ``u`` towards ``c`` (paper eq. 8), which corrects the
     unconditional velocity of an under-trained flow model; on the first ``zero_init_steps`` steps the
     output is zero ("zero-init": the sample does not move), and the guided loop skips the network there
-    (:meth:`skips_model`). Official rule (WeichenFan/CFG-Zero-star pipelines), on the model's raw output
+    (the empty plan of :meth:`branches`). Official rule (WeichenFan/CFG-Zero-star pipelines), on the model's raw output
     (velocity for flow models, eps for UNets). diffusers 0.42.1's ``ClassifierFreeZeroStarGuidance``
     computes the same rule (tested equal); its first version (commit 05d74ef3) shifted by the unscaled
     ``u``, ``s*·u + w (c - u)``, kept here as ``scaled_shift=False``.
@@ -63,22 +65,37 @@ class CFGZeroStar(GuidanceStrategy):
         (a zero-init step's ``0`` breaks ``c == u -> c`` by design, methods.md §11 G5)."""
         return cls(zero_init_steps=0)
 
-    def skips_model(self, ctx: GuidanceContext) -> bool:
-        """True on zero-init steps: the output does not read the predictions (the loop's hook)."""
+    def zero_init(self, ctx: GuidanceContext) -> bool:
+        """Whether this evaluation is a zero-init step (its output reads no prediction)."""
         return ctx.step < self.zero_init_steps
 
     def needs_uncond(self, ctx: GuidanceContext) -> bool:
-        return self.scale != 1.0 and not self.skips_model(ctx)
+        return self.scale != 1.0 and not self.zero_init(ctx)
+
+    def branches(self, ctx: GuidanceContext, state: Any) -> Plan:
+        """The empty plan on zero-init steps (the network is not called), else CFG's."""
+        return () if self.zero_init(ctx) else super().branches(ctx, state)
+
+    def combine_branches(self, preds: Predictions, ctx: GuidanceContext, state: Any) -> tuple[Tensor, Any]:
+        if self.zero_init(ctx):
+            like = preds.get("cond", ctx.x)
+            if like is None:
+                raise ConfigError("ctx.x: expected the noisy sample on a zero-init step (no prediction to shape by)")
+            return self._zero(like, ctx), state
+        return super().combine_branches(preds, ctx, state)
+
+    def _zero(self, like: Tensor, ctx: GuidanceContext) -> Tensor:
+        if ctx.space != "flow":
+            raise ConfigError(
+                f"zero_init_steps: expected 0 for {ctx.space!r} predictions (zero-init zeroes a flow velocity, "
+                f"which keeps x_t; a zero {ctx.space} would leave the sample at the old noise level), "
+                f"got {self.zero_init_steps}"
+            )
+        return torch.zeros_like(like)  # v = 0: the flow sample does not move
 
     def combine(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor:
-        if self.skips_model(ctx):
-            if ctx.space != "flow":
-                raise ConfigError(
-                    f"zero_init_steps: expected 0 for {ctx.space!r} predictions (zero-init zeroes a flow velocity, "
-                    f"which keeps x_t; a zero {ctx.space} would leave the sample at the old noise level), "
-                    f"got {self.zero_init_steps}"
-                )
-            return torch.zeros_like(pred_cond)  # v = 0: the flow sample does not move
+        if self.zero_init(ctx):
+            return self._zero(pred_cond, ctx)
         if self.scale == 1.0:
             return pred_cond
         return cfg_zero_star(pred_cond, pred_uncond, self.scale, self.scaled_shift)

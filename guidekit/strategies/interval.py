@@ -11,11 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..branch import COND, Plan, merge_plans
 from ..context import GuidanceContext
 from ..errors import ConfigError, ShapeError
 from ..ops.shapes import append_dims, per_sample_full
 from ..registry import STRATEGIES
-from .base import Combinator, GuidanceStrategy
+from .base import Combinator, GuidanceStrategy, Predictions
 from .cfg import CFG
 
 __all__ = ["Interval"]
@@ -34,8 +35,9 @@ class Interval(Combinator):
     sample on the EDM sigma of the context (``ctx.sigma``); a batch mixing samples inside and outside is
     guided elementwise. Flow models: ``t = sigma / (1 + sigma)``, see :meth:`from_flow_times`.
 
-    **Corrector evaluations** (``ctx.substep > 0``, Heun) follow the choice of their step: the sigma tested
-    is ``ctx.sigmas[ctx.step]`` when the schedule is known, as in the official EDM sampler.
+    **One decision per step.** In a sampling loop the test reads ``ctx.step_sigma``, the step's schedule
+    value in float64: the predictor, the corrector (Heun) and a churned ``sigma_hat`` (``s_churn > 0``)
+    follow the same decision, and a float32 run guides the same steps as a float64 one.
 
     **State.** ``inner``'s state passes through. It advances only on evaluations where ``inner`` runs, and
     per sample: a sample outside the interval keeps its state (tensors in the state whose first dim is the
@@ -120,67 +122,72 @@ class Interval(Combinator):
 
     # -- the rule --------------------------------------------------------------------------------
     def inside(self, ctx: GuidanceContext) -> Tensor:
-        """``(b,)`` bool: which samples of this evaluation are guided."""
-        sigma = ctx.sigma
-        if ctx.substep > 0 and ctx.sigmas is not None and 0 <= ctx.step < ctx.sigmas.shape[0]:
-            sigma = ctx.sigmas[ctx.step].expand(ctx.sigma.shape)
-        sigma = sigma.to(torch.float64).reshape(-1)
+        """``(b,)`` bool: which samples of this evaluation are guided.
+
+        When the caller knows the schedule, the test reads ``ctx.step_sigma``: the step's schedule value in
+        float64, the same for the predictor, the corrector and a churned ``sigma_hat``, and the same in a
+        float32 and a float64 run (comparing a float32-rounded sigma would move the window's edges:
+        ``from_fractions`` bounds are schedule values). Without it, a corrector tests its step's
+        ``ctx.sigmas[ctx.step]`` and any other evaluation ``ctx.sigma`` per sample.
+        """
+        if ctx.step_sigma is not None:
+            sigma = torch.full(ctx.sigma.shape, float(ctx.step_sigma), dtype=torch.float64)
+        elif ctx.substep > 0 and ctx.sigmas is not None and 0 <= ctx.step < ctx.sigmas.shape[0]:
+            sigma = torch.full(ctx.sigma.shape, float(ctx.sigmas[ctx.step]), dtype=torch.float64)
+        else:
+            sigma = ctx.sigma.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+        if bool(torch.isnan(sigma).any()):
+            raise ConfigError("ctx.sigma: expected a noise level, got NaN (the window cannot place it)")
         inside = sigma > self.sigma_lo
         return inside if self.sigma_hi is None else inside & (sigma <= self.sigma_hi)
 
     def needs_uncond(self, ctx: GuidanceContext) -> bool:
         return bool(self.inside(ctx).any()) and self.inner.needs_uncond(ctx)
 
-    def needs_uncond_state(self, ctx: GuidanceContext, state: Any) -> bool:
-        return bool(self.inside(ctx).any()) and self.inner.needs_uncond_state(ctx, state)
-
-    def combine_step(
-        self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext, state: Any
-    ) -> tuple[Tensor, Any]:
-        inside = self._inside_batch(ctx, pred_cond)
+    def branches(self, ctx: GuidanceContext, state: Any) -> Plan:
+        """Inside: the inner plan; outside: ``(COND,)``; a batch with both: their union."""
+        inside = self.inside(ctx)
         if not bool(inside.any()):
-            return pred_cond, state
-        guided, new_state = self.inner.combine_step(pred_cond, pred_uncond, ctx, state)
+            return (COND,)
+        plan = self.inner.branches(ctx, state)
+        return plan if bool(inside.all()) else merge_plans((COND,), plan)
+
+    def combine_branches(self, preds: Predictions, ctx: GuidanceContext, state: Any) -> tuple[Tensor, Any]:
+        inside = self.inside(ctx)
+        if "cond" in preds:
+            self._mask(inside, preds["cond"])
+        if not bool(inside.any()):
+            return preds["cond"], state
+        guided, new_state = self.inner.combine_branches(preds, ctx, state)
         if bool(inside.all()):
             return guided, new_state
-        mask = inside.to(pred_cond.device).reshape(-1, *([1] * (pred_cond.ndim - 1)))
-        return torch.where(mask, guided, pred_cond), _merge_state(inside, new_state, state)
+        cond = preds["cond"]
+        return torch.where(self._mask(inside, cond), guided, cond), _merge_state(inside, new_state, state)
 
-    # -- loop hooks of sampler-coupled and zero-init inner strategies (CFG++, CFG-Zero*) --------------
-    def skips_model(self, ctx: GuidanceContext) -> bool:
-        """The inner strategy's zero-init skip, only when every sample is inside (one forward serves all)."""
-        hook = getattr(self.inner, "skips_model", None)
-        return hook is not None and bool(self.inside(ctx).all()) and bool(hook(ctx))
-
-    def renoise_prediction(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor | None:
+    def renoise_prediction(self, preds: Predictions, ctx: GuidanceContext) -> Tensor | None:
         """Inside: the inner strategy's re-noise direction (CFG++'s ``u``); outside: ``pred_cond``'s own."""
-        hook = getattr(self.inner, "renoise_prediction", None)
-        inside = self._inside_batch(ctx, pred_cond)
-        direction = hook(pred_cond, pred_uncond, ctx) if hook is not None and bool(inside.any()) else None
+        inside = self.inside(ctx)
+        direction = self.inner.renoise_prediction(preds, ctx) if bool(inside.any()) else None
         if direction is None or bool(inside.all()):
             return direction
-        mask = inside.to(pred_cond.device).reshape(-1, *([1] * (pred_cond.ndim - 1)))
-        return torch.where(mask, direction, pred_cond)
+        cond = preds["cond"]
+        return torch.where(self._mask(inside, cond), direction, cond)
 
     def scale_map(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor | None:
-        inside = self._inside_batch(ctx, pred_cond)
+        inside = self.inside(ctx)
         ones = per_sample_full(pred_cond, 1.0)
         if not bool(inside.any()):
             return ones
         inner = self.inner.scale_map(pred_cond, pred_uncond, ctx)
         if inner is None or bool(inside.all()):
             return inner
-        mask = inside.to(pred_cond.device).reshape(-1, *([1] * (pred_cond.ndim - 1)))
-        return torch.where(mask, inner, ones)
+        return torch.where(self._mask(inside, pred_cond), inner, ones)
 
-    def _inside_batch(self, ctx: GuidanceContext, pred_cond: Tensor) -> Tensor:
-        inside = self.inside(ctx)
-        batch = pred_cond.shape[0]
-        if inside.shape[0] == 1:
-            return inside.expand(batch)
-        if inside.shape[0] != batch:
-            raise ShapeError(f"ctx.sigma: expected {batch} values (one per sample) or 1, got {inside.shape[0]}")
-        return inside
+    @staticmethod
+    def _mask(inside: Tensor, like: Tensor) -> Tensor:
+        if inside.shape[0] != like.shape[0]:
+            raise ShapeError(f"ctx.sigma: expected {like.shape[0]} values (one per sample), got {inside.shape[0]}")
+        return append_dims(inside.to(like.device), like.ndim)
 
 
 def _merge_state(inside: Tensor, new: Any, old: Any) -> Any:

@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from ..ops.checks import is_finite_number
 from ..ops.guidance import rescale_std
 from ..registry import STRATEGIES
-from .base import Combinator, GuidanceStrategy
+from .base import Combinator, GuidanceStrategy, Predictions
 from .cfg import CFG
 
 __all__ = ["Rescale"]
@@ -55,10 +55,9 @@ class Rescale(Combinator):
     def space(self) -> StrategySpace:  # type: ignore[override]
         return "native" if self.inner.space == "any" else self.inner.space
 
-    def combine_step(
-        self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext, state: Any
-    ) -> tuple[Tensor, Any]:
-        guided, state = self.inner.combine_step(pred_cond, pred_uncond, ctx, state)
-        if self.phi == 0.0 or guided is pred_cond:
+    def combine_branches(self, preds: Predictions, ctx: GuidanceContext, state: Any) -> tuple[Tensor, Any]:
+        guided, state = self.inner.combine_branches(preds, ctx, state)
+        pred_cond = preds.get("cond")
+        if self.phi == 0.0 or pred_cond is None or guided is pred_cond:
             return guided, state
         return rescale_std(guided, pred_cond, self.phi), state

@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..branch import Plan, merge_plans
 from ..context import GuidanceContext
 from ..errors import ConfigError
-from .base import Combinator, GuidanceStrategy
+from .base import Combinator, GuidanceStrategy, Predictions
 
 __all__ = ["ScheduledScale", "slice_context"]
 
@@ -75,23 +76,25 @@ class ScheduledScale(Combinator):
     def needs_uncond(self, ctx: GuidanceContext) -> bool:
         return any(s.needs_uncond(c) for _, s, c in self._groups(ctx))
 
-    def needs_uncond_state(self, ctx: GuidanceContext, state: Any) -> bool:
-        return any(s.needs_uncond_state(c, state) for _, s, c in self._groups(ctx))
+    def branches(self, ctx: GuidanceContext, state: Any) -> Plan:
+        return merge_plans(*(s.branches(c, state) for _, s, c in self._groups(ctx)))
 
-    def combine_step(
-        self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext, state: Any
-    ) -> tuple[Tensor, Any]:
+    def combine_branches(self, preds: Predictions, ctx: GuidanceContext, state: Any) -> tuple[Tensor, Any]:
         groups = self._groups(ctx)
         if len(groups) == 1:
-            return groups[0][1].combine_step(pred_cond, pred_uncond, ctx, state)
+            return groups[0][1].combine_branches(preds, ctx, state)
         if state is not None:
             raise ConfigError(
                 f"inner: expected a stateless strategy when samples get different scales, got "
                 f"{type(self.inner).__name__} with state (give every sample the same sigma)"
             )
-        out = torch.empty_like(pred_cond)
+        out: Tensor | None = None
         for index, strategy, sub in groups:
-            out[index] = strategy.combine(pred_cond[index], pred_uncond[index], sub)
+            part, _ = strategy.combine_branches({k: v[index] for k, v in preds.items()}, sub, None)
+            if out is None:
+                out = part.new_empty((ctx.sigma.shape[0], *part.shape[1:]))
+            out[index] = part
+        assert out is not None
         return out, state
 
     def scale_map(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor | None:

@@ -157,7 +157,7 @@ class DigitsBench(Bench):
         from .unet import NULL_CLASS
 
         common = {"prediction": "eps", "alphas_cumprod": self.model.alphas_cumprod, "cond": labels}
-        if getattr(strategy, "requires_weak_model", False):
+        if "weak" in strategy.models():
             return {**common, "weak_model": self.weak_model}
         return {**common, "uncond": torch.full_like(labels, NULL_CLASS)}
 
@@ -208,7 +208,7 @@ class GMMBench(Bench):
         self.model = self.mixture.as_model("eps")
 
     def _branches(self, strategy: GuidanceStrategy, labels: Tensor) -> dict[str, Any]:
-        if getattr(strategy, "requires_weak_model", False):
+        if "weak" in strategy.models():
             raise ConfigError(
                 f"strategy: {type(strategy).__name__} needs a weak model, which the gmm bench does not have"
             )

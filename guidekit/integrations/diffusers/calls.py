@@ -68,13 +68,13 @@ class Call:
     def timestep(self) -> Tensor:
         return torch.as_tensor(self.kwargs["timestep"] if "timestep" in self.kwargs else self.args[1])
 
-    def run(self, cond_only: bool) -> Tensor:
-        """The model's prediction on the whole batch, or on the conditional half only."""
+    def run(self, rows: slice | None = None) -> Tensor:
+        """The model's prediction on the whole batch (``rows=None``, the pipeline's own call), or on ``rows``."""
         args, kwargs = self.args, self.kwargs
-        if cond_only:
-            take, n = self.cond, self.batch
-            args = tuple(_map_batch(a, lambda t: t[take], n) for a in args)
-            kwargs = {k: _map_batch(v, lambda t: t[take], n) for k, v in kwargs.items()}
+        if rows is not None:
+            n = self.batch
+            args = tuple(_map_batch(a, lambda t: t[rows], n) for a in args)
+            kwargs = {k: _map_batch(v, lambda t: t[rows], n) for k, v in kwargs.items()}
         return _prediction(self.forward(*args, **kwargs))
 
     def native_model(self) -> tuple[Callable[[Tensor, Tensor, Any], Tensor], dict[str, Tensor], dict[str, Tensor]]:

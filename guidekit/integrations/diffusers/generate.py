@@ -10,7 +10,6 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
 from ...errors import ConfigError, ShapeError
-from ...guided import _requires_weak_model
 from ...registry import SAMPLERS
 from ...strategies.base import GuidanceStrategy
 from .families import Family, family_of, parse_prediction_type, prediction_space
@@ -122,7 +121,7 @@ def generate(
         raise ConfigError(
             f"strategy: expected a guidekit GuidanceStrategy (e.g. gk.CFG(7.5)), got {type(strategy).__name__}"
         )
-    if _requires_weak_model(strategy):
+    if "weak" in strategy.models():
         raise ConfigError(
             f"strategy: {type(strategy).__name__} evaluates a weak model in place of the unconditional branch, "
             "which a pipeline does not have; expected a strategy without a weak model (use guidekit.sample)"
@@ -149,7 +148,13 @@ def generate(
         options.setdefault("generator", pipe_kwargs.get("generator"))
         scheduler = SamplerScheduler(scheduler)
         run.use_sampler(sampler_fn, scheduler, options)
-    elif sampler_options:
+    elif strategy.sampler_coupled:
+        raise ConfigError(
+            f"sampler: {type(strategy).__name__} re-noises with its own prediction inside the sampler update, "
+            "which a diffusers scheduler cannot do; expected a guidekit sampler (sampler='ddim', 'euler', "
+            "'flow-euler', ...), got the pipeline's scheduler"
+        )
+    if sampler_fn is None and sampler_options:
         raise ConfigError(f"sampler_options: expected them only with a guidekit sampler, got {sampler_options!r}")
     with _patched(pipe, run, family, scheduler):
         output = pipe(**pipe_kwargs, guidance_scale=_PIPELINE_SCALE)

@@ -15,6 +15,7 @@ predicts that space. In a full pipeline, use :func:`generate` for those.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,8 +23,10 @@ import torch
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 from torch import Tensor
 
+from ...branch import Branch
 from ...config import build, to_spec
 from ...context import GuidanceContext, PredictionSpace, StrategySpace
+from ...engine import Backend, Engine, Position
 from ...errors import ConfigError, GuidekitError
 from ...ops.shapes import from_canonical, parse_layout, to_canonical
 from ...strategies.base import GuidanceStrategy
@@ -81,15 +84,24 @@ class GuidekitGuider(BaseGuidance):
         self._space = parse_prediction_type(prediction_type) if prediction_type is not None else None
         if self._space is not None:
             _check_space(self.strategy, self._space)
+        if self.strategy.sampler_coupled:
+            raise ConfigError(
+                f"strategy: {type(self.strategy).__name__} re-noises inside the sampler update, which a guider "
+                "cannot do; expected a strategy that is not sampler-coupled (use guidekit.sample)"
+            )
         spec = to_spec(self.strategy).model_dump(mode="json")
         self.register_to_config(
             strategy=spec, prediction_type=prediction_type, layout=layout, start=start, stop=stop, enabled=enabled
         )
-        self._state: Any = _UNSET
-        self._step_state: Any = _UNSET
+        self._engine: Engine | None = None
         self._last_step: int | None = None
+        self._step_sigmas = (0.0, 0.0)
 
     # -- the guider protocol ------------------------------------------------------------------------
+    def set_state(self, step: int, num_inference_steps: int, timestep: Any) -> None:
+        super().set_state(step, num_inference_steps, timestep)
+        self._plan_cache: tuple[Any, ...] | None = None
+
     def prepare_inputs(self, data: dict[str, Any]) -> list[Any]:
         indices = [0] if self.num_conditions == 1 else [0, 1]
         return [self._prepare_batch(data, i, name) for i, name in zip(indices, self._input_predictions, strict=False)]
@@ -103,13 +115,12 @@ class GuidekitGuider(BaseGuidance):
 
     @property
     def num_conditions(self) -> int:
+        """2 when this evaluation's plan has the unconditional branch, else 1 (the pipeline always runs
+        ``cond``; on an empty plan, CFG-Zero*'s zero-init steps, its prediction goes unused)."""
         if not self._in_window():
             return 1
-        ctx = self._context(1)
-        if self._new_run():  # no state yet for this run: ask the stateless question
-            return 2 if self.strategy.needs_uncond(ctx) else 1
-        state = self._step_state if self._step == self._last_step else self._state
-        return 2 if self.strategy.needs_uncond_state(ctx, state) else 1
+        plan = self._engine_for().preview(torch.ones(1), self._position())
+        return 2 if any(b.name == "uncond" for b in plan) else 1
 
     @property
     def is_conditional(self) -> bool:
@@ -119,27 +130,42 @@ class GuidekitGuider(BaseGuidance):
         """The guided prediction. ``pred_uncond`` is ``None`` when ``num_conditions`` was 1."""
         if not self._in_window():
             return GuiderOutput(pred=pred_cond, pred_cond=pred_cond, pred_uncond=pred_uncond)
+        engine = self._engine_for()
         cond = to_canonical(pred_cond, self.layout)
-        uncond = cond if pred_uncond is None else to_canonical(pred_uncond, self.layout)
-        if self._new_run():
-            self._state, self._last_step = self.strategy.init_state(cond), None
-        substep = 1 if self._step == self._last_step else 0
-        if substep == 0:
-            self._step_state = self._state
-        ctx = self._context(pred_cond.shape[0]).replace(substep=substep)
-        renoise = getattr(self.strategy, "renoise_prediction", None)
-        if renoise is not None and renoise(cond, uncond, ctx) is not None:
-            raise ConfigError(
-                f"strategy: {type(self.strategy).__name__} re-noises inside the sampler update, which a guider "
-                "cannot do; expected a strategy without renoise_prediction (use guidekit.sample)"
-            )
-        out, state = self.strategy.step(cond, uncond, ctx, self._step_state)
-        if substep == 0:
-            self._state = state
+        preds = (
+            {"cond": cond} if pred_uncond is None else {"cond": cond, "uncond": to_canonical(pred_uncond, self.layout)}
+        )
+        sigma = torch.full((cond.shape[0],), self._sigma_at()[0], dtype=torch.float64)
+        pending = engine.plan(None, sigma, self._position(), like=cond)
+        given = {name: preds[name] for name in (b.name for b in pending.plan) if name in preds}
+        out = engine.complete(pending, given)
         self._last_step = self._step
-        return GuiderOutput(pred=from_canonical(out, self.layout), pred_cond=pred_cond, pred_uncond=pred_uncond)
+        return GuiderOutput(pred=from_canonical(out.guided, self.layout), pred_cond=pred_cond, pred_uncond=pred_uncond)
 
     # -- helpers ------------------------------------------------------------------------------------
+    def _engine_for(self) -> Engine:
+        if self._engine is None:
+            backend = GuiderBackend(self._prediction_space())
+            self._engine = Engine(self.strategy, backend, {}, output="native")
+        return self._engine
+
+    def _position(self) -> Position:
+        """Where this evaluation sits: a repeated step index is a corrector evaluation (Heun)."""
+        sigma, sigma_next, sigmas = self._sigma_at()
+        step = int(self._step)
+        substep = 1 if step == self._last_step else 0
+        if substep == 0:
+            self._step_sigmas = (sigma, sigma_next)
+        step_sigma, step_next = self._step_sigmas  # a corrector keeps its step's levels (one decision per step)
+        return Position(
+            step=step,
+            num_steps=self._num_inference_steps or (len(sigmas) - 1),
+            substep=substep,
+            sigmas=sigmas,
+            step_sigma=step_sigma,
+            sigma_next=step_next,
+        )
+
     def _in_window(self) -> bool:
         if not self._enabled:
             return False
@@ -147,10 +173,6 @@ class GuidekitGuider(BaseGuidance):
             return True
         n = self._num_inference_steps
         return int(self._start * n) <= self._step < int(self._stop * n)
-
-    def _new_run(self) -> bool:
-        """No state yet, or step 0 again after a later step (a repeated step is a corrector evaluation)."""
-        return self._state is _UNSET or (self._step == 0 and self._last_step not in (None, 0))
 
     def _prediction_space(self) -> PredictionSpace:
         if self._space is None:
@@ -164,7 +186,8 @@ class GuidekitGuider(BaseGuidance):
             self._space = space
         return self._space
 
-    def _context(self, batch: int) -> GuidanceContext:
+    def _sigma_at(self) -> tuple[float, float, Tensor]:
+        """This evaluation's EDM sigma, the next one, and the schedule (float64), from the timestep."""
         if self.scheduler is None:
             raise ConfigError(
                 "scheduler: expected the pipeline's scheduler (GuidekitGuider(strategy, scheduler=pipe.scheduler), "
@@ -181,15 +204,37 @@ class GuidekitGuider(BaseGuidance):
             raise ConfigError(f"timestep: expected one of the scheduler's timesteps {timesteps.tolist()}, got {t}")
         sigmas = noise_schedule(self.scheduler)
         i = int(hits[0])
-        sigma = torch.full((batch,), float(sigmas[i]), dtype=torch.float32)
-        return GuidanceContext(
-            sigma=sigma,
-            step=self._step,
-            num_steps=self._num_inference_steps or len(timesteps),
-            sigmas=sigmas.float(),
-            sigma_next=torch.full_like(sigma, float(sigmas[i + 1])),
-            space=self._prediction_space(),
-        )
+        return float(sigmas[i]), float(sigmas[i + 1]), sigmas
+
+    def __repr__(self) -> str:
+        return f"GuidekitGuider(strategy={self.strategy!r}, layout={self.layout!r})"
+
+
+class GuiderBackend(Backend):
+    """The predictions a modular pipeline hands its guider: ``cond`` and ``uncond``, computed by the
+    pipeline (the engine's :meth:`~guidekit.engine.Engine.plan` / :meth:`~guidekit.engine.Engine.complete`
+    wrap them; nothing is run here)."""
+
+    def __init__(self, space: PredictionSpace) -> None:
+        self._space = space
+
+    def models(self) -> frozenset[str]:
+        return frozenset({"main"})
+
+    def prediction(self, model: str) -> PredictionSpace:
+        return self._space
+
+    def check_branch(self, branch: Branch) -> None:
+        if branch.model != "main" or branch.condition not in ("cond", "uncond") or branch.perturbation is not None:
+            raise ConfigError(
+                f"strategy: a modular guider receives the cond and uncond predictions only, got branch {branch!r} "
+                "(use guidekit.sample or guidekit.integrations.diffusers.generate)"
+            )
+
+    def forward(
+        self, x: Tensor, sigma: Tensor, branches: Sequence[Branch], conditions: Mapping[str, Any]
+    ) -> dict[str, Tensor]:
+        raise GuidekitError("forward: a modular guider's predictions come from the pipeline, not from its backend")
 
 
 def _check_space(strategy: GuidanceStrategy, space: PredictionSpace) -> None:
@@ -252,23 +297,27 @@ class DiffusersGuidance(GuidanceStrategy):
     def combine_step(
         self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext, state: _GuiderState
     ) -> tuple[Tensor, _GuiderState]:
-        guider = copy.deepcopy(state.guider)
+        # a corrector combines with the guider its step started from, whichever state it is handed
+        start = state.before if ctx.substep > 0 and state.step == ctx.step and state.before is not None else state
+        guider = copy.deepcopy(start.guider)
         guider.set_state(step=ctx.step, num_inference_steps=ctx.num_steps, timestep=None)
         guider.prepare_inputs({})  # step 0 resets per-run state (APG's momentum buffer)
         out = guider.forward(pred_cond=pred_cond, pred_uncond=pred_uncond).pred
-        return out, (_GuiderState(guider) if ctx.substep == 0 else state)
+        return out, (_GuiderState(guider, _GuiderState(state.guider), ctx.step) if ctx.substep == 0 else state)
 
 
 class _GuiderState:
     """A per-run copy of a guider: :class:`DiffusersGuidance`'s explicit state.
 
-    Two states are equal when their attributes are (tensors by value), so a replayed run can be checked.
+    ``before`` is the state step ``step`` started from: a corrector evaluation of that step, handed this
+    state by the engine, combines with ``before``'s guider, so the guider's own state (APG's momentum)
+    advances once per step. Two states are equal when their guiders' attributes are (tensors by value).
     """
 
-    __slots__ = ("guider",)
+    __slots__ = ("before", "guider", "step")
 
-    def __init__(self, guider: Any) -> None:
-        self.guider = guider
+    def __init__(self, guider: Any, before: _GuiderState | None = None, step: int = -1) -> None:
+        self.guider, self.before, self.step = guider, before, step
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _GuiderState) and _same(vars(self.guider), vars(other.guider))

@@ -1,20 +1,26 @@
-"""The per-call state of ``generate``: the intercepted denoiser, the strategy's state and the NFE count."""
+"""The per-call state of ``generate``: the intercepted denoiser and the engine that guides it.
+
+Every evaluation goes through :class:`guidekit.engine.Engine` with a :class:`PipelineBackend` (the pipeline's
+own denoiser call, cut to the rows the plan needs); this module only locates an evaluation in the
+scheduler's schedule and moves latents between the pipeline's layout and EDM coordinates.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from ...context import GuidanceContext, PredictionSpace
+from ...branch import Branch
+from ...engine import Backend, Engine, Position
 from ...errors import ConfigError, GuidekitError, ShapeError
 from ...guided import guided
 from ...ops.shapes import canonical_layout, check_layout, from_canonical, parse_layout, to_canonical
-from ...ops.spaces import convert, edm_x_from, x_for_space
+from ...ops.spaces import PredictionSpace, edm_x_from
 from ...strategies.base import GuidanceStrategy
 from .calls import Call, pack, zip_cat
 from .families import Coords, Family, is_flow, noise_schedule
@@ -22,7 +28,7 @@ from .families import Coords, Family, is_flow, noise_schedule
 if TYPE_CHECKING:
     from .stand_in import SamplerScheduler
 
-__all__ = ["GenerationInfo", "GuidedRun"]
+__all__ = ["GenerationInfo", "GuidedRun", "PipelineBackend"]
 
 # -- what generate() reports -------------------------------------------------------------------------------
 
@@ -76,15 +82,14 @@ class GuidedRun:
         self.info = GenerationInfo(family_name, space, sampler_name)
         self.handle: Callable[[Call], Tensor] = self._scheduler_step
         self._pending: tuple[tuple[Any, ...], dict[str, Any], Tensor] | None = None
-        self._space = _strategy_space(strategy, space, scheduler)
-        self._skips = getattr(strategy, "skips_model", None)
-        self._renoise = getattr(strategy, "renoise_prediction", None)
+        _check_strategy_space(strategy, space, scheduler)
+        self._backend = PipelineBackend(space, family.layout)
+        self._engine = Engine(strategy, self._backend, {}, output="native", allow_nonfinite=allow_nonfinite)
         self._schedule: _Schedule | None = None
         self._is_canonical = canonical_layout(family.layout) == " ".join(parse_layout(family.layout))
         self._cursor = 0
         self._step = -1
-        self._state: Any = _UNSET
-        self._step_state: Any = _UNSET
+        self._step_sigma = 0.0
 
     # -- interception ---------------------------------------------------------------------------------
     def intercept(self, forward: Callable[..., Any]) -> Callable[..., Any]:
@@ -125,91 +130,35 @@ class GuidedRun:
         if self._schedule is None:
             self._schedule = _Schedule.read(self.scheduler, self.space)
             check_layout(call.latent(), self.family.layout, "denoiser latent")
-        i = self._locate(float(call.timestep().flatten()[0]))
-        substep = 0 if not self._schedule.two_stage or self.scheduler.state_in_first_order else 1
-        self._step += substep == 0
-        layout, latent = self.family.layout, call.latent()[call.cond]
-        x = self._canonical(latent)
-        ctx = self._context(x, i, substep)
-        state = self._state_for(substep, x)
-        if self._skips is not None and self._skips(ctx):
-            cond = uncond = torch.zeros_like(latent)  # CFG-Zero*'s zero-init: the strategy does not read them
-            used_uncond, nfe = False, 0
-        else:
-            used_uncond = bool(self.strategy.needs_uncond_state(ctx, state))
-            pred = call.run(cond_only=not used_uncond)
-            cond, uncond = (pred[call.cond], pred[call.uncond]) if used_uncond else (pred, pred)
-            nfe = 2 if used_uncond else 1
-            self.info.forwards += 1
-        if cond.shape != latent.shape:
-            raise ShapeError(
-                f"denoiser output: expected the latent's shape {tuple(latent.shape)}, got {tuple(cond.shape)}"
-            )
-        self.info.nfe += nfe
-        self.info._log(self._step, self._schedule.sigmas[i], used_uncond)
-        guided, state = self._guide(self._canonical(cond), self._canonical(uncond), ctx, x)
-        if substep == 0:
-            self._state = state
-        guided = guided if self._is_canonical else from_canonical(guided, layout)
-        return guided.to(cond.dtype)
-
-    def _canonical(self, t: Tensor) -> Tensor:
-        return t if self._is_canonical else to_canonical(t, self.family.layout)
-
-    def _context(self, x: Tensor, i: int, substep: int) -> GuidanceContext:
-        """The context of evaluation ``i`` of the schedule, for canonical latents ``x``."""
         schedule = self._schedule
-        assert schedule is not None
-        sigma = torch.full((x.shape[0],), schedule.sigmas[i], dtype=torch.float32, device=x.device)
+        i = self._locate(float(call.timestep().flatten()[0]))
+        substep = 0 if not schedule.two_stage or self.scheduler.state_in_first_order else 1
+        if substep == 0:
+            self._step += 1
+            self._step_sigma = schedule.sigmas[i]  # a corrector keeps its step's level (one decision per step)
+        latent = call.latent()[call.cond]
+        x = self._canonical(latent)
+        x_edm = _edm_x(x, schedule.sigmas[i], schedule.coords)
+        sigma = torch.full((x.shape[0],), schedule.sigmas[i], dtype=x_edm.dtype, device=x.device)
         one_step = schedule.order == 1  # order-2 schedulers repeat levels: they get no schedule
-        return GuidanceContext(
-            sigma=sigma,
+        position = Position(
             step=self._step,
             num_steps=-(-(len(schedule.sigmas) - 1) // schedule.order),
             substep=substep,
-            sigmas=schedule.tensor.to(x.device) if one_step else None,
-            sigma_next=torch.full_like(sigma, schedule.sigmas[i + 1]) if one_step else None,
-            space=self._space,  # type: ignore[arg-type]  # None when unknown; only space-aware strategies read it
-            x=self._x_for(x, schedule.sigmas[i], sigma),
-            allow_nonfinite=self.allow_nonfinite,
+            sigmas=schedule.tensor if one_step else None,
+            step_sigma=self._step_sigma,
+            sigma_next=schedule.sigmas[i + 1] if one_step else None,
         )
+        self._backend.call = call
+        out = self._engine.evaluate(x_edm, sigma, position)
+        self.info.nfe, self.info.forwards = self._engine.nfe, self._engine.forwards
+        record = self._engine.record(self._step)
+        self.info._log(self._step, schedule.sigmas[i], record.uncond_used)
+        guided = out.guided if self._is_canonical else from_canonical(out.guided, self.family.layout)
+        return guided.to(latent.dtype)
 
-    def _x_for(self, x: Tensor, sigma: float, sigmas: Tensor) -> Tensor | None:
-        """``ctx.x``: the noisy sample in the coordinates of the strategy's space (loop-api.md §4)."""
-        space, coords = self._space, self._schedule.coords  # type: ignore[union-attr]
-        if space is None:
-            return None
-        if (space, coords) in (("v", "vp"), ("flow", "flow")):
-            return x  # the model's own input
-        x_edm = _edm_x(x, sigma, coords)
-        return x_edm if space in ("eps", "x0") else x_for_space(x_edm, sigmas, space)
-
-    def _guide(self, cond: Tensor, uncond: Tensor, ctx: GuidanceContext, x: Tensor) -> tuple[Tensor, Any]:
-        """The strategy's step in its own space, converted from and back to the model's space."""
-        native, space, state = self.space, self._space, self._step_state
-        x_edm = None
-        if space != native:
-            x_edm = _edm_x(x, float(ctx.sigma[0]), self._schedule.coords)  # type: ignore[union-attr]
-            cond = convert(cond, native, space, x_edm, ctx.sigma)  # type: ignore[arg-type]
-            uncond = convert(uncond, native, space, x_edm, ctx.sigma)  # type: ignore[arg-type]
-        if self._renoise is not None and self._renoise(cond, uncond, ctx) is not None:
-            raise ConfigError(
-                f"sampler: {type(self.strategy).__name__} re-noises with its own prediction inside the sampler "
-                "update, which a diffusers scheduler cannot do; expected a guidekit sampler (sampler='ddim', "
-                "'euler', 'flow-euler', ...), got the pipeline's scheduler"
-            )
-        out, state = self.strategy.step(cond, uncond, ctx, state)
-        if x_edm is not None:
-            out = convert(out, space, native, x_edm, ctx.sigma)  # type: ignore[arg-type]
-        return out, state
-
-    def _state_for(self, substep: int, like: Tensor) -> Any:
-        """The strategy state at the start of the current step (corrector evaluations never advance it)."""
-        if self._state is _UNSET:
-            self._state = self.strategy.init_state(like)
-        if substep == 0:
-            self._step_state = self._state
-        return self._step_state
+    def _canonical(self, t: Tensor) -> Tensor:
+        return t if self._is_canonical else to_canonical(t, self.family.layout)
 
     def _locate(self, t: float) -> int:
         """Index of timestep ``t`` in the scheduler's timesteps, searching forward from the last match."""
@@ -245,19 +194,60 @@ class GuidedRun:
         self.handle = run_sampler
 
 
-def _strategy_space(
-    strategy: GuidanceStrategy, native: PredictionSpace | None, scheduler: Any
-) -> PredictionSpace | None:
-    """The space the strategy's predictions are in: its own, or the model's for ``any`` / ``native``."""
-    if strategy.space in ("any", "native"):
-        return native
-    if native is None:
+def _check_strategy_space(strategy: GuidanceStrategy, native: PredictionSpace | None, scheduler: Any) -> None:
+    """A strategy defined in a space of its own needs the model's prediction type to convert into it."""
+    if strategy.space not in ("any", "native") and native is None:
         raise ConfigError(
             f"prediction_type: {type(strategy).__name__} works in {strategy.space!r} space, which needs the "
             f"model's prediction type, but the scheduler {type(scheduler).__name__} has no prediction_type in its "
             "config; expected generate(..., prediction_type='eps' | 'v' | 'flow' | 'x0'), got none"
         )
-    return strategy.space  # type: ignore[return-value]
+
+
+class PipelineBackend(Backend):
+    """The pipeline's own denoiser call as an engine backend: the rows of ``call`` the plan needs.
+
+    A plan of ``cond`` and ``uncond`` runs the call exactly as the pipeline made it (its batch order, so
+    plain CFG reproduces the pipeline bit for bit); a plan of one branch runs that half only. Set
+    :attr:`call` before each evaluation. Predictions come back in the canonical layout.
+    """
+
+    def __init__(self, space: PredictionSpace | None, layout: str) -> None:
+        self._space, self.layout = space, layout
+        self._canonical = canonical_layout(layout) == " ".join(parse_layout(layout))
+        self.call: Call | None = None
+
+    def models(self) -> frozenset[str]:
+        return frozenset({"main"})
+
+    def prediction(self, model: str) -> PredictionSpace:
+        return self._space  # type: ignore[return-value]  # None: unknown, only space-free strategies run
+
+    def forward(
+        self, x: Tensor, sigma: Tensor, branches: Sequence[Branch], conditions: Mapping[str, Any]
+    ) -> dict[str, Tensor]:
+        call = self.call
+        if call is None:
+            raise GuidekitError("call: expected the intercepted denoiser call before the forward, got none")
+        rows = {"cond": call.cond, "uncond": call.uncond}
+        for branch in branches:
+            if branch.condition not in rows or branch.perturbation is not None:
+                raise ConfigError(
+                    f"branches: a pipeline's own call has the conditions 'cond' and 'uncond' and no "
+                    f"perturbation, got branch {branch!r}"
+                )
+        names = {b.condition for b in branches}
+        pred = call.run(None if names == {"cond", "uncond"} else rows[next(iter(names))])
+        expected = call.latent()[call.cond].shape
+        out = {}
+        for branch in branches:
+            part = pred[rows[branch.condition]] if len(names) == 2 else pred
+            if part.shape != expected:
+                raise ShapeError(
+                    f"denoiser output: expected the latent's shape {tuple(expected)}, got {tuple(part.shape)}"
+                )
+            out[branch.name] = part if self._canonical else to_canonical(part, self.layout)
+        return out
 
 
 def _edm_x(x: Tensor, sigma: float, coords: Coords) -> Tensor:

@@ -1,0 +1,104 @@
+"""What a strategy asks the network for: :class:`Branch` (one batched forward's worth of rows) and
+:class:`Perturbation` (what to change in the network for that forward).
+
+A strategy's *plan* at one evaluation is a tuple of branches (``GuidanceStrategy.branches``); the engine
+(:mod:`guidekit.engine`) groups branches that share ``(model, perturbation)`` into one batched forward per
+group and hands the strategy ``{branch.name: prediction}``. The default plan is ``(COND, UNCOND)``;
+``(COND,)`` when the unconditional prediction is not needed; ``()`` when the network is not needed at all
+(CFG-Zero*'s zero-init steps).
+
+This module sits beside :mod:`guidekit.context` at the bottom of the package: strategies, the engine and
+the backends import it, it imports none of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .errors import ConfigError
+
+__all__ = ["COND", "UNCOND", "Branch", "NoPerturbation", "Perturbation", "Plan", "merge_plans"]
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """What to change in the network for one forward (frozen, hashable, model-agnostic).
+
+    Subclasses name a ``kind`` and the layers they act on with a selector (``layers``: names or patterns
+    the backend resolves to its own modules). A backend lists the kinds it can apply
+    (``Backend.perturbations``); the engine refuses a plan that needs another one before any forward,
+    naming what the backend supports. :class:`NoPerturbation` is the identity. The concrete
+    perturbations (PAG's identity self-attention, SEG's blurred queries, SLG/STG's skipped blocks, ...)
+    are added by the methods that need them.
+    """
+
+    kind: ClassVar[str] = "perturbation"
+    layers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layers, tuple) or not all(isinstance(x, str) for x in self.layers):
+            raise ConfigError(f"layers: expected a tuple of layer names or patterns, got {self.layers!r}")
+
+
+@dataclass(frozen=True)
+class NoPerturbation(Perturbation):
+    """The identity perturbation: the forward is the plain one (every backend supports it)."""
+
+    kind: ClassVar[str] = "none"
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One kind of network evaluation a strategy needs, named for the strategy's ``combine_branches``.
+
+    Attributes:
+        name: the key of its prediction (``"cond"``, ``"uncond"``, ``"weak"``, ``"perturbed"``, ...).
+        condition: which of the caller's conditions it is evaluated with (``"cond"``, ``"uncond"`` or the
+            name of an extra one).
+        model: ``"main"`` or ``"weak"`` (AutoGuidance's guiding model), or another model the caller gives.
+        perturbation: ``None`` (the plain forward) or a :class:`Perturbation`.
+    """
+
+    name: str
+    condition: str = "cond"
+    model: str = "main"
+    perturbation: Perturbation | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("name", "condition", "model"):
+            value = getattr(self, field)
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{field}: expected a non-empty string, got {value!r}")
+        if self.perturbation is not None and not isinstance(self.perturbation, Perturbation):
+            raise ConfigError(f"perturbation: expected None or a Perturbation, got {type(self.perturbation).__name__}")
+
+    @property
+    def group(self) -> tuple[str, Perturbation | None]:
+        """Branches with the same ``(model, perturbation)`` run in one batched forward."""
+        perturbation = None if isinstance(self.perturbation, NoPerturbation) else self.perturbation
+        return self.model, perturbation
+
+
+Plan = tuple[Branch, ...]
+"""The branches one evaluation needs, in the order the engine batches them."""
+
+COND = Branch("cond", condition="cond")
+"""The conditional prediction."""
+UNCOND = Branch("uncond", condition="uncond")
+"""The unconditional prediction (the negative prompt in a text-to-image pipeline)."""
+
+
+def merge_plans(*plans: Iterable[Branch]) -> Plan:
+    """The union of plans, first occurrence first; two different branches with one name are refused."""
+    out: dict[str, Branch] = {}
+    for plan in plans:
+        for branch in plan:
+            seen = out.setdefault(branch.name, branch)
+            if seen != branch:
+                raise ConfigError(
+                    f"branches: expected one definition per branch name, got {seen!r} and {branch!r} for "
+                    f"{branch.name!r}"
+                )
+    return tuple(out.values())

@@ -1,0 +1,162 @@
+"""Backends: what runs the network for the engine, behind one small interface.
+
+A backend answers ``forward(x, sigma, branches, conditions) -> {branch name: prediction}`` for branches that
+share ``(model, perturbation)``, in one batched call, in the model's native prediction space. It says which
+models it has (:meth:`Backend.models`), what each predicts (:meth:`Backend.prediction`) and which kinds of
+:class:`~guidekit.branch.Perturbation` it can apply (:attr:`Backend.perturbations`). Backends are adapters
+at the edge: :class:`NativeBackend` here (any ``model(x, t, cond)`` through a guidekit adapter); the
+diffusers pipeline and modular-guider backends live in :mod:`guidekit.integrations.diffusers`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..branch import Branch, NoPerturbation, Perturbation
+from ..errors import ConfigError, ShapeError
+from ..ops.spaces import PredictionSpace
+from ..samplers.adapters import ModelAdapter
+
+__all__ = ["Backend", "NativeBackend", "batch_cond", "concat_cond"]
+
+
+class Backend(ABC):
+    """Runs the network for the engine: one batched forward per group of branches."""
+
+    perturbations: ClassVar[frozenset[str]] = frozenset({NoPerturbation.kind})
+    """The :attr:`Perturbation.kind` names this backend can apply (``"none"`` always)."""
+
+    @abstractmethod
+    def models(self) -> frozenset[str]:
+        """The model names branches may use (``"main"``, and ``"weak"`` where a weak model is given)."""
+
+    @abstractmethod
+    def prediction(self, model: str) -> PredictionSpace:
+        """The native prediction space of ``model``'s output."""
+
+    @abstractmethod
+    def forward(
+        self, x: Tensor, sigma: Tensor, branches: Sequence[Branch], conditions: Mapping[str, Any]
+    ) -> dict[str, Tensor]:
+        """Evaluate ``branches`` (one ``model`` and ``perturbation``) on EDM ``(x, sigma)`` in one batched call.
+
+        Returns ``{branch.name: prediction}`` in ``prediction(model)`` space, each ``(b, c, *spatial)``.
+        """
+
+    def supports(self, perturbation: Perturbation | None) -> bool:
+        """Whether this backend can apply ``perturbation`` (``None`` is the plain forward)."""
+        return perturbation is None or perturbation.kind in self.perturbations
+
+    def check_branch(self, branch: Branch) -> None:
+        """Refuse a branch this backend cannot evaluate, naming what it supports."""
+        if branch.model not in self.models():
+            raise ConfigError(
+                f"branches: expected a model in {sorted(self.models())} for branch {branch.name!r}, got "
+                f"{branch.model!r}" + (" (pass weak_model=...)" if branch.model == "weak" else "")
+            )
+        if not self.supports(branch.perturbation):
+            kind = branch.perturbation.kind if branch.perturbation is not None else "none"
+            raise ConfigError(
+                f"perturbation: {type(self).__name__} supports {sorted(self.perturbations)}, got {kind!r} for "
+                f"branch {branch.name!r}"
+            )
+
+
+class NativeBackend(Backend):
+    """Native models through guidekit adapters (:class:`~guidekit.samplers.VPModel`, ``FlowModel``, ...).
+
+    Branches of one group are batched as ``[x; x; ...]`` with their conditions concatenated leaf by leaf
+    (``[cond; uncond]`` for CFG), one call of the model.
+    """
+
+    def __init__(self, models: Mapping[str, ModelAdapter], *, allow_nonfinite: bool = False) -> None:
+        if "main" not in models:
+            raise ConfigError(f"models: expected a 'main' model, got {sorted(models)}")
+        for name, model in models.items():
+            if not isinstance(model, ModelAdapter):
+                raise ConfigError(
+                    f"{'model' if name == 'main' else name + '_model'}: expected a guidekit adapter (VPModel, "
+                    f"FlowModel, EDMModel), got {type(model).__name__}"
+                )
+        self._models = dict(models)
+        self._names = frozenset(self._models)
+        self.allow_nonfinite = allow_nonfinite
+
+    def models(self) -> frozenset[str]:
+        return self._names
+
+    def prediction(self, model: str) -> PredictionSpace:
+        return self._models[model].prediction
+
+    def adapter(self, model: str = "main") -> ModelAdapter:
+        """The adapter of ``model``."""
+        return self._models[model]
+
+    def forward(
+        self, x: Tensor, sigma: Tensor, branches: Sequence[Branch], conditions: Mapping[str, Any]
+    ) -> dict[str, Tensor]:
+        model = self._models[branches[0].model]
+        b = x.shape[0]
+        conds = [_condition(conditions, br, b) for br in branches]
+        kw = {"allow_nonfinite": self.allow_nonfinite}
+        if len(branches) == 1:
+            return {branches[0].name: model.predict(x, sigma, conds[0], **kw)}
+        both = conds[0]
+        for br, cond in zip(branches[1:], conds[1:], strict=True):
+            both = concat_cond(both, cond, br.condition)
+        k = len(branches)
+        pred = model.predict(torch.cat([x] * k), torch.cat([sigma] * k), both, **kw)
+        return {br.name: pred[i * b : (i + 1) * b] for i, br in enumerate(branches)}
+
+
+def _condition(conditions: Mapping[str, Any], branch: Branch, batch: int) -> Any:
+    if branch.condition not in conditions:
+        raise ConfigError(
+            f"conditions: expected a condition named {branch.condition!r} for branch {branch.name!r}, got "
+            f"{sorted(conditions)}"
+        )
+    value = conditions[branch.condition]
+    if value is None and branch.condition != "cond":
+        what = "unconditional" if branch.condition == "uncond" else repr(branch.condition)
+        raise ConfigError(
+            f"{branch.condition}: expected the {what} condition, since the strategy evaluates branch "
+            f"{branch.name!r} at this step; got None"
+        )
+    return batch_cond(value, batch, branch.condition)
+
+
+def batch_cond(cond: Any, batch: int, name: str = "cond") -> Any:
+    """Check a (nested) condition has batch ``batch`` in every tensor's first dim; expand batch-1 tensors."""
+    if isinstance(cond, Tensor):
+        if cond.ndim == 0 or cond.shape[0] == batch:
+            return cond
+        if cond.shape[0] == 1:
+            return cond.expand(batch, *cond.shape[1:])
+        raise ShapeError(f"{name}: expected batch size {batch} (or 1) in the first dim, got shape {tuple(cond.shape)}")
+    if isinstance(cond, Mapping):
+        return type(cond)({k: batch_cond(v, batch, f"{name}[{k!r}]") for k, v in cond.items()})  # type: ignore[call-arg]
+    if isinstance(cond, tuple | list):
+        return type(cond)(batch_cond(v, batch, f"{name}[{i}]") for i, v in enumerate(cond))
+    return cond
+
+
+def concat_cond(cond: Any, other: Any, name: str = "uncond") -> Any:
+    """``[cond; other]`` along the batch, leaf by leaf; non-tensor leaves must be equal."""
+    if isinstance(cond, Tensor) and isinstance(other, Tensor):
+        if cond.ndim == 0 or cond.shape[1:] != other.shape[1:]:
+            raise ShapeError(f"{name}: expected the shape of cond {tuple(cond.shape)}, got {tuple(other.shape)}")
+        return torch.cat([cond, other.to(device=cond.device, dtype=cond.dtype)])
+    if isinstance(cond, Mapping) and isinstance(other, Mapping):
+        if set(cond) != set(other):
+            raise ConfigError(f"{name}: expected the keys of cond {sorted(cond)}, got {sorted(other)}")
+        return type(cond)({k: concat_cond(cond[k], other[k], f"{name}[{k!r}]") for k in cond})  # type: ignore[call-arg]
+    if isinstance(cond, tuple | list) and isinstance(other, tuple | list) and len(cond) == len(other):
+        return type(cond)(concat_cond(a, b, f"{name}[{i}]") for i, (a, b) in enumerate(zip(cond, other, strict=True)))
+    if type(cond) is type(other) and not isinstance(cond, Tensor) and cond == other:
+        return cond
+    raise ShapeError(f"{name}: expected the same structure as cond ({type(cond).__name__}), got {type(other).__name__}")
