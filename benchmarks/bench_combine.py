@@ -32,6 +32,7 @@ import torch
 from _docs import DOC, replace_section
 
 import guidekit as gk
+from guidekit.zoo.cmdline import guarded, require_extras
 
 SHAPES: tuple[tuple[int, ...], ...] = ((2, 4, 128, 128), (1, 16, 13, 60, 90))
 SECTION = "## Combine overhead"
@@ -159,6 +160,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
     parser.add_argument("--rounds", type=int, default=21)
     args = parser.parse_args()
+    require_extras("benchmark", ["diffusers"], extra="diffusers")
     torch.set_num_threads(1)
     import diffusers
 
@@ -172,4 +174,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(guarded("benchmarks/bench_combine.py", main))
