@@ -86,6 +86,7 @@ class NativeBackend(Backend):
         self._models = dict(models)
         self._names = frozenset(self._models)
         self.allow_nonfinite = allow_nonfinite
+        self._cache: dict[tuple[tuple[str, ...], int], tuple[Mapping[str, Any], Any]] = {}
 
     def models(self) -> frozenset[str]:
         return self._names
@@ -101,17 +102,27 @@ class NativeBackend(Backend):
         self, x: Tensor, sigma: Tensor, branches: Sequence[Branch], conditions: Mapping[str, Any]
     ) -> dict[str, Tensor]:
         model = self._models[branches[0].model]
-        b = x.shape[0]
-        conds = [_condition(conditions, br, b) for br in branches]
+        b, k = x.shape[0], len(branches)
+        batched = self._batched(conditions, branches, b)
         kw = {"allow_nonfinite": self.allow_nonfinite}
-        if len(branches) == 1:
-            return {branches[0].name: model.predict(x, sigma, conds[0], **kw)}
+        if k == 1:
+            return {branches[0].name: model.predict(x, sigma, batched, **kw)}
+        pred = model.predict(torch.cat([x] * k), torch.cat([sigma] * k), batched, **kw)
+        return {br.name: pred[i * b : (i + 1) * b] for i, br in enumerate(branches)}
+
+    def _batched(self, conditions: Mapping[str, Any], branches: Sequence[Branch], batch: int) -> Any:
+        """The group's conditions concatenated along the batch, built once per run and group (they do not
+        change between evaluations; the cache holds the conditions it was built from)."""
+        key = (tuple(b.condition for b in branches), batch)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is conditions:
+            return hit[1]
+        conds = [_condition(conditions, br, batch) for br in branches]
         both = conds[0]
         for br, cond in zip(branches[1:], conds[1:], strict=True):
             both = concat_cond(both, cond, br.condition)
-        k = len(branches)
-        pred = model.predict(torch.cat([x] * k), torch.cat([sigma] * k), both, **kw)
-        return {br.name: pred[i * b : (i + 1) * b] for i, br in enumerate(branches)}
+        self._cache[key] = (conditions, both)
+        return both
 
 
 def _condition(conditions: Mapping[str, Any], branch: Branch, batch: int) -> Any:

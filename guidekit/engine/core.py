@@ -179,6 +179,8 @@ class Engine:
         self._native = backend.prediction("main")
         self._coupled = strategy.sampler_coupled
         self._lock = threading.Lock()
+        self._checked: set[Plan] = set()
+        self._sigmas: tuple[Tensor | None, Tensor | None] = (None, None)
         self._reset()
 
     def _resolve_space(self) -> PredictionSpace:
@@ -247,8 +249,10 @@ class Engine:
         state = self._state if self._state is not _UNSET else self.strategy.init_state(_placeholder(sigma))
         ctx = self._context(x, sigma, position, device, dtype)
         plan = self.strategy.branches(ctx, state)
-        for branch in plan:
-            self.backend.check_branch(branch)
+        if plan not in self._checked:
+            for branch in plan:
+                self.backend.check_branch(branch)
+            self._checked.add(plan)
         return Pending(ctx, plan, state, x, sigma)
 
     def _context(
@@ -260,13 +264,21 @@ class Engine:
             step=position.step,
             num_steps=position.num_steps,
             substep=position.substep,
-            sigmas=None if sigmas is None else sigmas.to(device=device, dtype=dtype),
+            sigmas=None if sigmas is None else self._sigmas_as(sigmas, device, dtype),
             sigma_next=None if nxt is None else torch.full((b,), nxt, dtype=dtype, device=device),
             space=self.space,
             x=None if x is None or self.space is None else x_for_space(x, sigma, self.space),
             allow_nonfinite=self.allow_nonfinite,
             step_sigma=position.step_sigma,
         )
+
+    def _sigmas_as(self, sigmas: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The schedule in the compute dtype, converted once per run (the sampler hands the same tensor)."""
+        source, converted = self._sigmas
+        if source is not sigmas or converted is None or converted.dtype != dtype or converted.device != device:
+            converted = sigmas.to(device=device, dtype=dtype)
+            self._sigmas = (sigmas, converted)
+        return converted
 
     def run(self, pending: Pending) -> dict[str, Tensor]:
         """The plan's forwards through the backend: one batched call per ``(model, perturbation)`` group."""
