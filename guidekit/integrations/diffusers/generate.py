@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -9,7 +11,7 @@ from typing import Any
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
-from ...errors import ConfigError, ShapeError
+from ...errors import ConfigError, GuidekitError, ShapeError
 from ...registry import SAMPLERS
 from ...strategies.base import GuidanceStrategy
 from .families import Family, family_of, parse_prediction_type, prediction_space
@@ -19,6 +21,7 @@ from .stand_in import SamplerScheduler
 __all__ = ["generate"]
 
 _UNSET: Any = object()
+_INTERCEPTOR = "__guidekit_interceptor__"
 
 _PIPELINE_SCALE = 2.0
 """The ``guidance_scale`` given to the pipeline. It only has to exceed 1, so that the pipeline encodes the
@@ -62,6 +65,20 @@ def _check_call(family: Family, kwargs: dict[str, Any]) -> None:
             )
 
 
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _pipeline_lock(pipe: Any) -> threading.Lock:
+    """One lock per pipeline object: ``generate`` patches the pipeline's denoiser and scheduler, so two
+    calls on one pipeline take turns (the second waits) instead of mixing their interceptors."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(pipe)
+        if lock is None:
+            lock = _LOCKS[pipe] = threading.Lock()
+        return lock
+
+
 @contextmanager
 def _patched(pipe: Any, run: GuidedRun, family: Family, scheduler: Any) -> Iterator[None]:
     """Install the interceptor on every denoiser (and the scheduler), restoring all of it on exit."""
@@ -69,11 +86,19 @@ def _patched(pipe: Any, run: GuidedRun, family: Family, scheduler: Any) -> Itera
     models = [m for m in models if m is not None]
     if not models:
         raise ConfigError(f"pipe: expected a denoiser in {family.denoisers}, got none set on {type(pipe).__name__}")
+    for m in models:
+        if getattr(m.forward, _INTERCEPTOR, False):
+            raise GuidekitError(
+                f"pipe: expected {type(m).__name__}.forward unpatched, got a guidekit interceptor left by a call "
+                "that did not go through generate(); restore it with `del model.forward`"
+            )
     saved = [(m, m.__dict__.get("forward", _UNSET)) for m in models]
     old_scheduler = pipe.scheduler
     try:
         for m in models:
-            m.forward = run.intercept(m.forward)
+            interceptor = run.intercept(m.forward)
+            setattr(interceptor, _INTERCEPTOR, True)
+            m.forward = interceptor
         object.__setattr__(pipe, "scheduler", scheduler)  # bypass the pipeline's config bookkeeping
         yield
     finally:
@@ -98,7 +123,8 @@ def generate(
 ) -> Any:
     """Run ``pipe`` with ``strategy`` guiding every denoiser evaluation, and return what the pipeline returns.
 
-    Prompt encoding, latent preparation and VAE decoding are the pipeline's own. ``negative_prompt``
+    Prompt encoding, latent preparation and VAE decoding are the pipeline's own. Calls on one pipeline
+    from several threads take turns (a per-pipeline lock): its denoiser is patched for the call. ``negative_prompt``
     (or ``negative_prompt_embeds``) is the unconditional branch. Pass everything else the pipeline takes
     (``prompt``, ``num_inference_steps``, ``generator``, ``output_type``, ...) as keywords, but not
     ``guidance_scale``: the strategy guides.
@@ -156,6 +182,6 @@ def generate(
         )
     if sampler_fn is None and sampler_options:
         raise ConfigError(f"sampler_options: expected them only with a guidekit sampler, got {sampler_options!r}")
-    with _patched(pipe, run, family, scheduler):
+    with _pipeline_lock(pipe), _patched(pipe, run, family, scheduler):
         output = pipe(**pipe_kwargs, guidance_scale=_PIPELINE_SCALE)
     return (output, run.info) if return_info else output
