@@ -11,8 +11,8 @@ import torch
 import guidekit as gk
 
 pytest.importorskip("diffusers")
-from guidekit.integrations.diffusers import generate  # noqa: E402
-from guidekit.integrations.diffusers.tiny import tiny_pipeline  # noqa: E402
+from guidekit.integrations.diffusers import generate
+from guidekit.integrations.diffusers.tiny import tiny_pipeline
 
 pytestmark = pytest.mark.diffusers
 
@@ -65,5 +65,5 @@ def test_an_interceptor_left_behind_is_refused_by_name():
 
     leftover.__guidekit_interceptor__ = True  # type: ignore[attr-defined]
     pipe.unet.forward = leftover
-    with pytest.raises(gk.GuidekitError, match="pipe: expected UNet2DConditionModel.forward unpatched"):
+    with pytest.raises(gk.GuidekitError, match=r"pipe: expected UNet2DConditionModel\.forward unpatched"):
         run(pipe, kw, 3.0)
