@@ -9,6 +9,7 @@ sampler-coupled strategy). The rules of an evaluation (plan, batching, NFE, spac
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -217,6 +218,11 @@ def sample(
     run = SAMPLERS.get(sampler) if isinstance(sampler, str) else sampler
     if not callable(run):
         raise ConfigError(f"sampler: expected a registered name or a sampler function, got {sampler!r}")
+    options = _check_sampler_options(run, sampler_options)
+    if not isinstance(x_T, Tensor) or not x_T.is_floating_point():
+        got = x_T.dtype if isinstance(x_T, Tensor) else type(x_T).__name__
+        raise ConfigError(f"x_T: expected a floating-point tensor, got {got}")
+    _check_generator(generator, x_T.shape[0])
     denoiser = guided(
         adapter,
         strategy,  # type: ignore[arg-type]
@@ -238,7 +244,7 @@ def sample(
             if callback is not None:
                 callback(denoiser.record(s.step))
 
-        x = run(denoiser, x, sigmas, generator=generator, callback=on_step, **dict(sampler_options or {}))
+        x = run(denoiser, x, sigmas, generator=generator, callback=on_step, **options)
     return adapter.final_x(x)
 
 
@@ -248,7 +254,44 @@ def _schedule(model: ModelAdapter, steps: int | None, schedule: Tensor | Sequenc
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ConfigError(f"steps: expected an integer >= 1, got {n!r}")
         return default_schedule(model, n, schedule)
-    sigmas = torch.as_tensor(schedule, dtype=torch.float64)
-    if steps is not None and sigmas.ndim == 1 and sigmas.numel() - 1 != steps:
+    try:
+        sigmas = torch.as_tensor(schedule, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(
+            f"schedule: expected a name, a 1-D tensor or a sequence of EDM sigmas, got {type(schedule).__name__} "
+            f"({exc})"
+        ) from None
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ConfigError(
+            f"schedule: expected a 1-D schedule of at least 2 sigmas ending at 0, got shape {tuple(sigmas.shape)}"
+        )
+    if steps is not None and sigmas.numel() - 1 != steps:
         raise ConfigError(f"steps: expected len(schedule) - 1 = {sigmas.numel() - 1}, got {steps}")
     return sigmas
+
+
+def _check_sampler_options(run: Callable[..., Tensor], options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The sampler's keyword options, refused by name when the sampler does not take them."""
+    options = dict(options or {})
+    try:
+        params = inspect.signature(run).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: let the sampler itself decide
+        return options
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return options
+    known = sorted(n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "callback")
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        name = getattr(run, "__name__", type(run).__name__)
+        raise ConfigError(f"sampler_options: expected options of {name} ({', '.join(known)}), got {unknown}")
+    return options
+
+
+def _check_generator(generator: Generator, batch: int) -> None:
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if isinstance(generator, Sequence) and all(isinstance(g, torch.Generator) for g in generator):
+        return
+    raise ConfigError(
+        f"generator: expected None, a torch.Generator or one per sample ({batch}), got {type(generator).__name__}"
+    )

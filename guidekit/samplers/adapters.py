@@ -77,7 +77,11 @@ class ModelAdapter(ABC):
 
     # -- evaluation -------------------------------------------------------------------------------
     def predict(self, x: Tensor, sigma: Tensor, cond: Any = None, *, allow_nonfinite: bool = False) -> Tensor:
-        """One forward pass: the native prediction at EDM ``(x, sigma)``, in ``(b, c, *spatial)``."""
+        """One forward pass: the native prediction at EDM ``(x, sigma)``, in ``(b, c, *spatial)``.
+
+        The output is cast to the input's dtype, so a model that upcasts (or runs under autocast) does not
+        change the sample's dtype; a non-floating output is refused.
+        """
         x_in = from_canonical(self.to_native_x(x, sigma), self.layout)
         t = self.model_time(sigma).to(device=x.device, dtype=compute_dtype(x))
         out = self.model(x_in, t, cond)
@@ -87,7 +91,11 @@ class ModelAdapter(ABC):
                 f"model output: expected a tensor shaped like the model input {tuple(x_in.shape)} "
                 f"(layout {self.layout!r}), got {got}"
             )
-        if not allow_nonfinite and not all_finite(out):  # one reduction; exact check on failure
+        if not out.is_floating_point():
+            raise ShapeError(f"model output: expected a floating-point tensor, got {out.dtype}")
+        if out.dtype != x_in.dtype:  # an upcasting model (or autocast) does not change the sample's dtype
+            out = out.to(x_in.dtype)
+        if not allow_nonfinite and out.device.type != "meta" and not all_finite(out):  # one reduction
             check_finite(out, f"model output at sigma in [{float(sigma.min()):.4g}, {float(sigma.max()):.4g}]")
         return to_canonical(out, self.layout)
 

@@ -27,6 +27,7 @@ from torch import Tensor
 from ..branch import COND, UNCOND, Plan
 from ..component import Component
 from ..context import GuidanceContext, StrategySpace
+from ..errors import ShapeError
 from ..ops.checks import all_finite, check_finite, check_pair
 from ..registry import STRATEGIES
 
@@ -116,10 +117,19 @@ class GuidanceStrategy(Component, ABC):
 
     # -- checked entry points -----------------------------------------------------------------------
     def step_branches(self, preds: Predictions, ctx: GuidanceContext, state: Any) -> tuple[Tensor, Any]:
-        """:meth:`combine_branches` with the output checked: a non-finite result names the input that
-        caused it (the engine calls this)."""
+        """:meth:`combine_branches` with its inputs and output checked (the engine calls this).
+
+        Predictions must be floating point; an empty batch passes through untouched; a non-finite result
+        names the input that caused it (not on ``meta`` tensors, which hold no values).
+        """
+        for name, pred in preds.items():
+            if not pred.is_floating_point():
+                raise ShapeError(f"pred_{name}: expected a floating-point tensor, got {pred.dtype}")
+        first = next(iter(preds.values()), None)
+        if first is not None and first.shape[0] == 0:  # an empty batch passes through
+            return preds.get("cond", first), state
         out, state = self.combine_branches(preds, ctx, state)
-        if not ctx.allow_nonfinite and not all_finite(out):
+        if not ctx.allow_nonfinite and out.device.type != "meta" and not all_finite(out):
             for name, pred in preds.items():
                 check_finite(pred, f"pred_{name}")
             check_finite(out, "guided output")
