@@ -36,6 +36,7 @@ __all__ = [
     "MAPPERS",
     "REGISTRIES",
     "SAMPLERS",
+    "SCALE_FUNCTIONS",
     "STRATEGIES",
     "TRANSFORMS",
     "PluginWarning",
@@ -288,44 +289,28 @@ class Registry(Generic[T]):
         return f"Registry(group={self.group!r}, loaded={sorted(self._items)})"
 
 
-def _class_or_factory(base: str) -> str:
-    return f"a subclass of {base} or a factory function"
+def _components(group: str, kind: str, builtin: str, base: str) -> Registry[Any]:
+    """The registry of a component group: subclasses of ``base`` (or factory functions) only."""
+    expects = f"a subclass of {base} or a factory function"
+    return Registry(group, kind, (builtin,), accepts=component_of_group, expects=expects)
 
 
-STRATEGIES: Registry[Any] = Registry(
-    "guidekit.strategies",
-    "strategy",
-    ("guidekit.strategies",),
-    accepts=component_of_group,
-    expects=_class_or_factory("gk.GuidanceStrategy"),
+def _functions(group: str, kind: str, builtin: str, expects: str) -> Registry[Any]:
+    """The registry of a function group (samplers, scale functions): plain callables only."""
+    return Registry(group, kind, (builtin,), accepts=plain_callable, expects=expects)
+
+
+STRATEGIES = _components("guidekit.strategies", "strategy", "guidekit.strategies", "gk.GuidanceStrategy")
+ENERGY = _components("guidekit.energy", "energy estimator", "guidekit.energy", "guidekit.energy.EnergyEstimator")
+TRANSFORMS = _components(
+    "guidekit.transforms", "energy transform", "guidekit.energy", "guidekit.energy.EnergyTransform"
 )
-ENERGY: Registry[Any] = Registry(
-    "guidekit.energy",
-    "energy estimator",
-    ("guidekit.energy",),
-    accepts=component_of_group,
-    expects=_class_or_factory("guidekit.energy.EnergyEstimator"),
+MAPPERS = _components("guidekit.mappers", "scale mapper", "guidekit.energy", "guidekit.energy.ScaleMapper")
+SAMPLERS = _functions(
+    "guidekit.samplers", "sampler", "guidekit.samplers", "a sampler function (denoiser, x, sigmas, ...) -> x"
 )
-TRANSFORMS: Registry[Any] = Registry(
-    "guidekit.transforms",
-    "energy transform",
-    ("guidekit.energy",),
-    accepts=component_of_group,
-    expects=_class_or_factory("guidekit.energy.EnergyTransform"),
-)
-MAPPERS: Registry[Any] = Registry(
-    "guidekit.mappers",
-    "scale mapper",
-    ("guidekit.energy",),
-    accepts=component_of_group,
-    expects=_class_or_factory("guidekit.energy.ScaleMapper"),
-)
-SAMPLERS: Registry[Any] = Registry(
-    "guidekit.samplers",
-    "sampler",
-    ("guidekit.samplers",),
-    accepts=plain_callable,
-    expects="a sampler function (denoiser, x, sigmas, ...) -> x",
+SCALE_FUNCTIONS = _functions(
+    "guidekit.scale_functions", "scale function", "guidekit.strategies.scale_function", "a function float -> float"
 )
 
 REGISTRIES: dict[str, Registry[Any]] = {
@@ -334,4 +319,5 @@ REGISTRIES: dict[str, Registry[Any]] = {
     "transforms": TRANSFORMS,
     "mappers": MAPPERS,
     "samplers": SAMPLERS,
+    "scale-functions": SCALE_FUNCTIONS,
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -28,3 +29,19 @@ torch.set_num_threads(1)
 def _seed_torch() -> None:
     """Every test starts from the same torch RNG state, so a run (and a red CI run) is reproducible."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def scale_functions() -> Iterator[Callable[[str, Callable[[float], float]], None]]:
+    """``register(name, fn)`` into ``guidekit.registry.SCALE_FUNCTIONS`` for one test, removed after it."""
+    from guidekit.registry import SCALE_FUNCTIONS
+
+    names: list[str] = []
+
+    def register(name: str, fn: Callable[[float], float]) -> None:
+        SCALE_FUNCTIONS.register(name, fn)
+        names.append(name)
+
+    yield register
+    for name in names:
+        SCALE_FUNCTIONS.unregister(name)

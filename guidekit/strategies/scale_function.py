@@ -1,8 +1,13 @@
-"""A user's guidance schedule: any function of sigma or of progress, as a combinator."""
+"""A user's guidance schedule: any function of sigma or of progress, as a combinator.
+
+Configs name *registered* scale functions (:data:`guidekit.registry.SCALE_FUNCTIONS`), never an import
+path: building a spec imports nothing and cannot reach ``sys:exit`` or ``time:sleep``. Register your own
+with ``@SCALE_FUNCTIONS.register("my-schedule")`` in code, or ship it in a package under the entry-point
+group ``guidekit.scale_functions``; registering is the explicit opt-in.
+"""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -13,7 +18,8 @@ from torch import Tensor
 from ..context import GuidanceContext
 from ..errors import ConfigError
 from ..ops.checks import check_choice, is_finite_number
-from ..registry import STRATEGIES
+from ..ops.schedules import sigma_bump
+from ..registry import SCALE_FUNCTIONS, STRATEGIES
 from .base import GuidanceStrategy
 from .cfg import CFG
 from .scheduled import ScheduledScale
@@ -23,20 +29,35 @@ __all__ = ["ScaleCallable", "ScaleFunction", "resolve_function"]
 Variable = Literal["sigma", "progress"]
 
 
-def resolve_function(path: str) -> Callable[[float], float]:
-    """Import ``"package.module:function"`` (or ``"package.module.function"``) and return it."""
-    if not isinstance(path, str) or not path.strip():
-        raise ConfigError(f"function: expected an importable path such as 'my_pkg.schedules:ramp', got {path!r}")
-    module_name, sep, attr = path.partition(":")
-    if not sep:
-        module_name, _, attr = path.rpartition(".")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr) if module_name and attr else None
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"function: expected an importable 'module:function', got {path!r} ({exc})") from None
-    if not callable(obj):
-        raise ConfigError(f"function: expected {path!r} to name a callable, got {type(obj).__name__}")
-    return obj
+SCALE_FUNCTIONS.register("sigma-bump", sigma_bump)
+SCALE_FUNCTIONS.register("guidekit.scale_schedules:sigma_bump", sigma_bump)  # the path configs used to name (moved)
+
+
+def _import_paths(fn: Callable[..., object]) -> tuple[str, str]:
+    """``("module:qualname", "module.qualname")`` of a function, read from it (nothing is imported)."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    return f"{module}:{qualname}", f"{module}.{qualname}"
+
+
+def resolve_function(ref: str) -> Callable[[float], float]:
+    """The scale function registered as ``ref``, or the registered function whose import path is ``ref``.
+
+    Nothing is imported on behalf of ``ref``: a function that is not registered is refused.
+    """
+    if not isinstance(ref, str) or not ref.strip():
+        raise ConfigError(
+            f"function: expected the name of a registered scale function such as 'sigma-bump', got {ref!r}"
+        )
+    if ref in SCALE_FUNCTIONS:
+        return SCALE_FUNCTIONS.get(ref)
+    for fn in map(SCALE_FUNCTIONS.get, SCALE_FUNCTIONS.names()):
+        if ref in _import_paths(fn):
+            return fn
+    raise ConfigError(
+        f"function: expected a registered scale function ({', '.join(SCALE_FUNCTIONS.names())}) or the "
+        f"'module:function' path of one, got {ref!r}; configs never import modules, so register yours "
+        "first: @SCALE_FUNCTIONS.register('my-schedule') (from guidekit.registry import SCALE_FUNCTIONS)"
+    )
 
 
 def _scales(fn: Callable[[float], float], name: str, variable: Variable, ctx: GuidanceContext) -> Tensor:
@@ -51,7 +72,9 @@ def _scales(fn: Callable[[float], float], name: str, variable: Variable, ctx: Gu
     for x in inputs:
         try:
             value = fn(x)
-        except Exception as exc:  # a user function may fail in any way: name it and its input
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a user function may fail in any way, SystemExit included: name it
             raise ConfigError(f"function: {name}({variable}={x!r}) raised {type(exc).__name__}: {exc}") from exc
         if not is_finite_number(value):
             raise ConfigError(f"function: expected {name}({variable}={x!r}) to return a finite number, got {value!r}")
@@ -64,14 +87,16 @@ def _scales(fn: Callable[[float], float], name: str, variable: Variable, ctx: Gu
 class ScaleFunction(ScheduledScale):
     """Run ``inner`` at the scale ``function(sigma)`` or ``function(progress)``; serialisable.
 
-    ``function`` is an importable path (``"my_pkg.schedules:my_schedule"``), so the strategy round-trips
-    through JSON configs; :class:`ScaleCallable` takes a plain Python callable instead. The function gets
+    ``function`` names a registered scale function (``"sigma-bump"``, or yours after
+    ``@SCALE_FUNCTIONS.register("my-schedule")``), so the strategy round-trips through JSON configs
+    without importing anything; :class:`ScaleCallable` takes a plain Python callable instead. The function gets
     one float: the sample's EDM sigma (``variable="sigma"``, per sample) or ``ctx.progress = step / N``
     (``variable="progress"``), and returns the scale that replaces ``inner.scale``; 1 lets the loop skip
     the unconditional forward (with CFG).
 
     Args:
-        function: ``"module:function"`` or ``"module.function"``, a callable ``float -> float``.
+        function: the name of a registered ``float -> float`` (:data:`guidekit.registry.SCALE_FUNCTIONS`),
+            or the ``"module:function"`` / ``"module.function"`` path of a registered one.
         inner: the strategy to run (default ``CFG(7.5)``; its own scale is replaced).
         variable: ``"sigma"`` (default) or ``"progress"``.
     """
@@ -89,7 +114,7 @@ class ScaleFunction(ScheduledScale):
     @classmethod
     def contract_example(cls) -> ScaleFunction:
         """An instance for the shared contract tests (:func:`guidekit.ops.schedules.sigma_bump`)."""
-        return cls("guidekit.ops.schedules:sigma_bump")
+        return cls("sigma-bump")
 
     def scale_at(self, ctx: GuidanceContext) -> Tensor:
         return _scales(self._fn, self.function, self.variable, ctx)
