@@ -71,7 +71,8 @@ class APG(GuidanceStrategy):
         scale: guidance weight ``w``; 1 gives ``pred_cond`` (no unconditional pass needed).
         eta: weight of the part of ``Δ`` parallel to ``c`` (0 drops it, 1 keeps it).
         norm_threshold: ``r``, the largest norm of the update per sample; 0 disables the rescaling.
-        momentum: ``β`` of the momentum buffer; 0 makes the strategy stateless.
+        momentum: ``β`` of the momentum buffer, ``|β| < 1`` (the paper's is negative); 0 makes the strategy
+            stateless.
     """
 
     space: ClassVar[StrategySpace] = "x0"
@@ -86,6 +87,11 @@ class APG(GuidanceStrategy):
             value = getattr(self, name)
             if not is_finite_number(value):
                 raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+        if not -1.0 < self.momentum < 1.0:  # the buffer sums β^k Δ: it diverges for |β| >= 1
+            raise ConfigError(
+                "momentum: expected a number with |momentum| < 1 (the paper uses negative values, "
+                f"e.g. -0.5), got {self.momentum!r}"
+            )
         if not is_finite_number(self.norm_threshold) or self.norm_threshold < 0:
             raise ConfigError(
                 f"norm_threshold: expected a finite number >= 0 (0 disables it), got {self.norm_threshold!r}"
