@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(func=cmd_compare)
 
     lister = sub.add_parser("list", help=cmd_list.__doc__, description=cmd_list.__doc__)
-    lister.add_argument("group", nargs="?", choices=["strategies", "energy", "transforms", "mappers", "samplers"])
+    groups = ["strategies", "energy", "transforms", "mappers", "samplers", "scale-functions"]  # REGISTRIES' keys
+    lister.add_argument("group", nargs="?", choices=groups)
     lister.add_argument("-v", "--verbose", action="store_true", help="also print each one's summary line")
     lister.set_defaults(func=cmd_list)
 

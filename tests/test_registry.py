@@ -309,3 +309,11 @@ def test_a_plugin_registering_the_wrong_kind_of_object_is_skipped_by_name(hostil
     assert "'strategy' (gk_fake_wrong:STRATEGY)" in messages and "got the strategy class CFG" in messages
     with pytest.raises(PluginError, match="'number' comes from a plugin that registers the wrong kind of object"):
         reg.get("number")
+
+
+def test_guidekit_list_takes_every_registry_group(capsys: pytest.CaptureFixture[str]) -> None:
+    from guidekit.cli import main
+
+    for group, registry in gk.REGISTRIES.items():
+        assert main(["list", group]) == 0
+        assert f"{group} ({len(registry.names())}):" in capsys.readouterr().out

@@ -83,3 +83,11 @@ def test_registered_math_functions_keep_their_paths(scale_functions: Register) -
     scale_functions("test-cos", math.cos)
     for ref in ("test-cos", "math:cos", "math.cos"):
         assert gk.ScaleFunction(ref, variable="progress")._fn is math.cos
+
+
+def test_guidekit_list_shows_the_scale_functions(capsys: pytest.CaptureFixture[str]) -> None:
+    from guidekit.cli import main
+
+    assert main(["list", "scale-functions"]) == 0
+    out = capsys.readouterr().out
+    assert "scale-functions (1):" in out and "sigma-bump" in out
