@@ -75,7 +75,7 @@ def sigma_bump(sigma: float) -> float:
     """``1 + 4σ / (1 + σ²)``: 3 at ``σ = 1``, falling to 1 at both ends of the schedule.
 
     A ready-made target for :class:`guidekit.strategies.ScaleFunction`
-    (``function="guidekit.ops.schedules:sigma_bump"``): guidance concentrated in the middle of the noise
+    (``function="sigma-bump"``, its registered name): guidance concentrated in the middle of the noise
     range, like TV-CFG's triangle, but as a function of sigma alone. ``σ = inf`` gives 1.
     """
     if math.isinf(sigma):
