@@ -14,6 +14,7 @@ from torch import Tensor
 from ..branch import COND, Plan, merge_plans
 from ..context import GuidanceContext
 from ..errors import ConfigError, ShapeError
+from ..ops.checks import is_finite_number, is_number
 from ..ops.shapes import append_dims, per_sample_full
 from ..registry import STRATEGIES
 from .base import Combinator, GuidanceStrategy, Predictions
@@ -58,9 +59,9 @@ class Interval(Combinator):
         if not isinstance(self.inner, GuidanceStrategy):
             raise ConfigError(f"inner: expected a GuidanceStrategy, got {type(self.inner).__name__}")
         lo, hi = self.sigma_lo, self.sigma_hi
-        if not _is_number(lo) or not math.isfinite(lo) or lo < 0:
+        if not is_finite_number(lo) or lo < 0:
             raise ConfigError(f"sigma_lo: expected a finite number >= 0, got {lo!r}")
-        if hi is not None and (not _is_number(hi) or not math.isfinite(hi) or hi < lo):
+        if hi is not None and (not is_finite_number(hi) or hi < lo):
             raise ConfigError(
                 f"sigma_hi: expected a finite number >= sigma_lo ({lo!r}), or None for no bound, got {hi!r}"
             )
@@ -80,7 +81,7 @@ class Interval(Combinator):
         the step count or the sampler changes.
         """
         for name, value in (("start", start), ("stop", stop)):
-            if not _is_number(value) or not 0 <= value <= 1:
+            if not is_number(value) or not 0 <= value <= 1:
                 raise ConfigError(f"{name}: expected a fraction in [0, 1], got {value!r}")
         if stop < start:
             raise ConfigError(f"stop: expected a fraction >= start ({start!r}), got {stop!r}")
@@ -108,7 +109,7 @@ class Interval(Combinator):
         ``sigma_hi = None``, no upper bound.
         """
         for name, value in (("t_lo", t_lo), ("t_hi", t_hi)):
-            if not _is_number(value) or not 0 <= value <= 1:
+            if not is_number(value) or not 0 <= value <= 1:
                 raise ConfigError(f"{name}: expected a flow time in [0, 1], got {value!r}")
         if t_lo == 1.0:
             raise ConfigError(f"t_lo: expected a flow time < 1 (sigma_lo must be finite), got {t_lo!r}")
@@ -210,10 +211,6 @@ def _merge_state(inside: Tensor, new: Any, old: Any) -> Any:
     if isinstance(new, dict) and isinstance(old, dict) and new.keys() == old.keys():
         return {k: _merge_state(inside, new[k], old[k]) for k in new}
     return new
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _finite_or_none(value: float) -> float | None:
