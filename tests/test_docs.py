@@ -1,4 +1,4 @@
-"""Every ```python block in README.md and docs/**/*.md runs (blocks fenced ```python no-run are skipped).
+"""Every ```python block in README.md and docs/**/*.md (devdocs included) runs (```python no-run is skipped).
 
 Blocks of one file run in order in one namespace, like a reader pasting them into one session.
 """
@@ -17,7 +17,7 @@ FENCE = re.compile(r"^```python([^\n]*)\n(.*?)^```", re.S | re.M)
 
 def _doc_files() -> list[Path]:
     files = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-    return [f for f in files if f.exists() and "devdocs" not in f.parts]
+    return [f for f in files if f.exists()]
 
 
 def _blocks(path: Path) -> list[tuple[int, str]]:
