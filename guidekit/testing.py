@@ -506,6 +506,33 @@ def check_spec_round_trip(s: GuidanceStrategy, ex: Example) -> str | None:
     return None
 
 
+GRADIENT_KINDS: tuple[str, ...] = ("independent", "correlated", "offset")
+"""Example kinds at which gradients are checked: generic points. Equal, collinear (scaled), constant or
+zero samples sit where norms, angles and projections have no derivative, by construction."""
+
+
+def check_gradients(s: GuidanceStrategy, ex: Example) -> str | None:
+    """The guided output is differentiable in both predictions: ``torch.autograd.gradcheck`` in float64
+    (fast mode) at generic examples (:data:`GRADIENT_KINDS`). Loss guidance and learned weights
+    backpropagate through strategies; an in-place op or a ``.tolist()`` breaks that silently."""
+    if ex.kind not in GRADIENT_KINDS:
+        return None
+    ex64 = ex.cast(torch.float64)
+    ctx = ex64.context()
+    c = ex64.pred_cond.detach().clone().requires_grad_()
+    u = ex64.pred_uncond.detach().clone().requires_grad_()
+    state = s.init_state(ex64.pred_cond)
+
+    def guided(c: Tensor, u: Tensor) -> Tensor:
+        return s.step(c, u, ctx, state)[0]
+
+    try:
+        torch.autograd.gradcheck(guided, (c, u), eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
+    except RuntimeError as exc:  # torch's GradcheckError is a RuntimeError
+        return f"gradcheck failed: {str(exc).splitlines()[0]}"
+    return None
+
+
 def _plan_predictions(plan: Sequence[Branch], c: Tensor, u: Tensor) -> dict[str, Tensor]:
     """Predictions for a plan: ``cond`` gets ``c``, every other branch ``u`` (the contract's pair)."""
     return {b.name: c if b.name == "cond" else u for b in plan}
@@ -589,6 +616,7 @@ CHECKS: dict[str, Callable[[GuidanceStrategy, Example], str | None]] = {
     "needs_uncond": check_needs_uncond,
     "plan": check_plan,
     "nfe": check_nfe,
+    "gradients": check_gradients,
     "spec_round_trip": check_spec_round_trip,
 }
 """Contract check name -> ``check(strategy, example)`` returning ``None`` or what went wrong."""

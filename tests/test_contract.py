@@ -168,6 +168,27 @@ class ModifiesInput(_Base):
 
 
 @dataclass(frozen=True)
+class DetachesScale(_Base):
+    """Reads a per-sample scale back to the host (``.tolist()``): the output loses its gradient in ``u``."""
+
+    def combine(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: gk.GuidanceContext) -> Tensor:
+        norms = (pred_cond - pred_uncond).flatten(1).norm(dim=1).tolist()
+        scale = torch.tensor([1.0 + 0.1 * n for n in norms], dtype=pred_cond.dtype)
+        return pred_uncond + scale.reshape(-1, *([1] * (pred_cond.ndim - 1))) * (pred_cond - pred_uncond)
+
+
+@dataclass(frozen=True)
+class InPlaceOnAView(_Base):
+    """Writes into a view of a tensor autograd needs: ``backward()`` raises."""
+
+    def combine(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: gk.GuidanceContext) -> Tensor:
+        delta = pred_cond - pred_uncond
+        energy = delta.square()
+        delta.mul_(2.0)
+        return pred_uncond + energy * delta
+
+
+@dataclass(frozen=True)
 class DoublesScale(_Base):
     """Its __post_init__ rewrites a parameter, so build(to_spec(s)) != s."""
 
@@ -191,6 +212,8 @@ class DoublesScale(_Base):
         (NaNWhenEqual(), "finite"),
         (CallDiffersFromStep(), "call_matches_step"),
         (ModifiesInput(), "call_matches_step"),
+        (DetachesScale(), "gradients"),
+        (InPlaceOnAView(), "gradients"),
     ],
     ids=lambda v: type(v).__name__ if not isinstance(v, str) else v,
 )
