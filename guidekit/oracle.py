@@ -22,8 +22,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, ShapeError
-from .ops.shapes import append_dims
-from .ops.spaces import vp_alpha, vp_sigma, vp_x
+from .ops.spaces import edm_x_from, from_x0, sigma_from_flow_t, vp_alpha, vp_sigma, vp_x
 from .ops.timesteps import vp_sigma_from_timestep
 
 __all__ = ["UNCOND", "GaussianMixture", "energy_distance"]
@@ -126,10 +125,9 @@ class GaussianMixture:
         ``sigma`` may be ``inf`` (then ``x`` holds ``x / sigma``, as in the samplers).
         """
         sigma = torch.as_tensor(sigma, dtype=F64).expand(x.shape[0])
-        x_vp = vp_x(x.to(F64), sigma)
-        a, b = vp_alpha(sigma), vp_sigma(sigma)
-        x0 = self.posterior_x0(x_vp, a, b, labels)
-        return _from_x0_vp(x0, x_vp, a, b, space).to(x.dtype)
+        x64 = x.to(F64)
+        x0 = self.posterior_x0(vp_x(x64, sigma), vp_alpha(sigma), vp_sigma(sigma), labels)
+        return from_x0(x0, space, x64, sigma).to(x.dtype)  # type: ignore[arg-type]
 
     # -- packaging as a native model ---------------------------------------------------------------------
     def as_model(
@@ -160,14 +158,17 @@ class GaussianMixture:
             t = torch.as_tensor(t, dtype=F64).expand(n)
             if prediction == "flow":
                 a, b = 1 - t / time_scale, t / time_scale
+                sigma, coords = sigma_from_flow_t(t / time_scale), "flow"
             elif prediction == "edm":
                 a, b = torch.ones_like(t), t
+                sigma, coords = t, "edm"
             else:
-                s = vp_sigma_from_timestep(t, acp)
-                a, b = vp_alpha(s), vp_sigma(s)
+                sigma, coords = vp_sigma_from_timestep(t, acp), "vp"
+                a, b = vp_alpha(sigma), vp_sigma(sigma)
             x0 = self.posterior_x0(x, a, b, labels)
             space = "x0" if prediction == "edm" else prediction
-            return _from_x0_vp(x0, x.to(F64), a, b, space).to(x.dtype)
+            x_edm = edm_x_from(x.to(F64), sigma, coords)  # type: ignore[arg-type]
+            return from_x0(x0, space, x_edm, sigma).to(x.dtype)  # type: ignore[arg-type]
 
         return model
 
@@ -207,21 +208,6 @@ class GaussianMixture:
     def project(self, x: Tensor) -> Tensor:
         """Coordinates ``(n, r)`` of ``x`` in the span of the component means, where the classes differ."""
         return self._flat(x) @ self.mean_basis()
-
-
-def _from_x0_vp(x0: Tensor, x: Tensor, a: Tensor, b: Tensor, space: str) -> Tensor:
-    """A prediction from ``x0`` at ``x = a x0 + b eps`` (``a``, ``b`` per sample)."""
-    if space == "x0":
-        return x0
-    a, b = append_dims(a.reshape(-1), x.ndim), append_dims(b.reshape(-1), x.ndim)
-    eps = (x - a * x0) / b
-    if space == "eps":
-        return eps
-    if space == "v":
-        return a * eps - b * x0
-    if space == "flow":
-        return eps - x0
-    raise ConfigError(f"space: expected one of 'x0', 'eps', 'v', 'flow', got {space!r}")
 
 
 def energy_distance(x: Tensor, y: Tensor) -> float:
