@@ -601,3 +601,23 @@ def test_x0_energy_samg_at_the_pure_noise_step(pipes: dict, family: str) -> None
 def test_importing_guidekit_does_not_import_diffusers() -> None:
     code = "import sys, guidekit, guidekit.integrations; assert 'diffusers' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_diffusers_apg_guider_through_the_engine_on_heun_equals_guidekit_apg() -> None:
+    """The corrector is handed the predictor's state; the wrapped guider combines with its start-of-step copy."""
+    from guidekit.oracle import GaussianMixture
+    from guidekit.samplers import EDMModel, karras_sigmas, sample_heun
+
+    gm = GaussianMixture.random(num_classes=3, components=2, event_shape=(2, 3, 3), spread=2.0, std=0.4, seed=7)
+    model = EDMModel(gm.as_model("edm"))
+    labels, unconds = torch.tensor([0, 1, 2]), torch.full((3,), -1)
+    theirs = gkd.DiffusersGuidance(
+        AdaptiveProjectedGuidance(
+            guidance_scale=3.0, adaptive_projected_guidance_momentum=-0.5, eta=0.0, use_original_formulation=True
+        )
+    )
+    ours = gk.APG(scale=4.0, eta=0.0, norm_threshold=15.0, momentum=-0.5)
+    sigmas = karras_sigmas(8)
+    x = model.initial_x(torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64), 80.0)
+    out = [sample_heun(gk.guided(model, s, labels, unconds), x, sigmas) for s in (theirs, ours)]
+    _close(out[0], out[1], rtol=1e-9)
