@@ -1,4 +1,5 @@
-"""Shared set-up for the sampler / loop / oracle tests: one small oracle and its reference sets."""
+"""Shared set-up for the sampler / loop / oracle tests: one small oracle and its reference sets, and the
+three-class batch (``GM``, ``LABELS``, ``UNCONDS``, ``x_T``) the per-strategy loop tests sample."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from guidekit.oracle import GaussianMixture, energy_distance
+from guidekit.oracle import UNCOND, GaussianMixture, energy_distance
 
 F64 = torch.float64
 
@@ -60,3 +61,13 @@ def distances(x: Tensor, event_shape: tuple[int, ...] = (2, 4, 4), label: int = 
     ref, _ = references(x.shape[0], label, event_shape)
     floor, pfloor = floors(x.shape[0], label, event_shape)
     return energy_distance(x, ref) / floor, energy_distance(gm.project(x), gm.project(ref)) / pfloor
+
+
+GM = GaussianMixture.random(num_classes=3, components=2, event_shape=(2, 3, 3), spread=2.0, std=0.4, seed=7)
+LABELS = torch.tensor([0, 1, 2])
+UNCONDS = torch.full((3,), UNCOND)
+
+
+def x_T(seed: int = 0, dtype: torch.dtype = F64) -> Tensor:
+    """Starting noise for one sample of each of ``GM``'s three classes."""
+    return torch.randn(3, 2, 3, 3, dtype=F64, generator=torch.Generator().manual_seed(seed)).to(dtype)

@@ -1,4 +1,5 @@
-"""Hypothesis generators for the SAMG / energy tests: shapes, prediction pairs, energies, scale ranges.
+"""Hypothesis generators for the SAMG / energy tests: shapes, prediction pairs, energies, scale ranges; and
+:func:`ctx_for`, the guidance context they evaluate in.
 
 Tensors are drawn from a hypothesis-chosen seed, scale and *kind*, so shrinking stays cheap while values
 still vary. The kinds extend :data:`guidekit.testing.KINDS` (equal, tiny Δ, offset, zero or constant
@@ -12,10 +13,15 @@ import torch
 from hypothesis import strategies as st
 from torch import Tensor
 
+from guidekit.context import GuidanceContext
 from guidekit.testing import KINDS as CONTRACT_KINDS
 from guidekit.testing import make_pair
 
 KINDS = ("normal", "heavy", "sparse")
+
+
+def ctx_for(x: torch.Tensor, sigma: float = 1.0, space: str = "eps") -> GuidanceContext:
+    return GuidanceContext.default(x, sigma=sigma, space=space)
 
 
 @st.composite

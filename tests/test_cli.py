@@ -1,4 +1,5 @@
-"""The ``guidekit`` command: demo and compare end to end (tiny settings), list, and every error path."""
+"""The ``guidekit`` command: demo, compare and train end to end (tiny settings), list, strategy parsing and
+the installed console script. Its errors are in test_cli_errors.py, its output folders in test_cli_output.py."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -17,12 +19,6 @@ import guidekit as gk
 from guidekit.cli import CLIError, main, parse_strategy
 
 TINY = ["--per-class", "4", "--steps", "3", "-q"]
-
-
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_demo_writes_table_grid_plot_and_scale_maps(tmp_path: Path) -> None:
@@ -92,7 +88,7 @@ def test_compare_from_command_line_and_spec_files_on_the_gmm(
 
 
 def test_list_shows_every_group_with_origins(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = _run(["list"], capsys)
+    code, out, _ = run_cli(["list"], capsys)
     assert code == 0
     for group, registry in gk.REGISTRIES.items():
         assert f"{group} ({len(registry.names())}):" in out
@@ -101,48 +97,8 @@ def test_list_shows_every_group_with_origins(capsys: pytest.CaptureFixture[str])
     assert "guidekit.strategies.cfg.CFG" in out
     if "perp-cfg" in gk.strategies.names():  # the example plugin, when installed
         assert "plugin guidekit_example" in out
-    code, out, _ = _run(["list", "samplers", "-v"], capsys)
+    code, out, _ = run_cli(["list", "samplers", "-v"], capsys)
     assert code == 0 and "strategies (" not in out and "ddim" in out
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["compare", "-s", "cgf:scale=3"], "unknown strategy 'cgf'; did you mean 'cfg'?"),
-        (["compare", "-s", "cfg:scale=abc"], "strategy[cfg].scale: Input should be a valid number (got 'abc')"),
-        (["compare", "-s", "cfg:scale"], "expected key=value after 'cfg:', got 'scale'"),
-        (["compare", "-s", "{not json"], "--strategy: expected a JSON spec"),
-        (["compare", "--spec", "/nonexistent/spec.json"], "spec file: cannot read '/nonexistent/spec.json'"),
-        (["compare"], "expected at least one --strategy or --spec, got none"),
-        (["compare", "-s", "cfg", "--sampler", "eulr"], "unknown sampler 'eulr'; did you mean 'euler'?"),
-        (["compare", "-s", "cfg", "--steps", "0"], "steps: expected an integer >= 1, got 0"),
-        (["demo", "--only", "samgg"], "unknown strategy 'samgg'; did you mean 'samg'?"),
-    ],
-)
-def test_user_errors_exit_2_with_a_message(
-    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code, out, err = _run([*argv, "--out", str(tmp_path / "o"), "-q"], capsys)
-    assert code == 2 and out == ""
-    assert err.startswith("guidekit: error: ") and message in err
-    assert "Traceback" not in err
-
-
-def test_bad_spec_file_and_unwritable_output_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bad = tmp_path / "bad.json"
-    bad.write_text("{oops")
-    code, _, err = _run(["compare", "--spec", str(bad), "--out", str(tmp_path / "o"), "-q"], capsys)
-    assert code == 2 and "expected valid JSON" in err and str(bad) in err
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    code, _, err = _run(["compare", "-s", "cfg", "--out", str(blocker / "sub"), "-q"], capsys)
-    assert code == 2 and "--out: expected a folder that can be written" in err and str(blocker / "sub") in err
-
-
-def test_argparse_errors_also_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["compare", "--model", "mnist"])
-    assert exc.value.code == 2 and "invalid choice: 'mnist'" in capsys.readouterr().err
 
 
 @given(st.floats(-20, 20, allow_nan=False), st.sampled_from(["{!r}", "{:g}", "{:.3f}"]))

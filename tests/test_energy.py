@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from samg_gen import energies, pred_pairs, scale_ranges, shapes, sigmas
+from samg_gen import ctx_for, energies, pred_pairs, scale_ranges, shapes, sigmas
 from scipy import ndimage
 
 import guidekit as gk
@@ -28,20 +28,6 @@ from guidekit.energy import (
 from guidekit.errors import ConfigError, ShapeError
 from guidekit.ops import energy as EF
 from guidekit.registry import ENERGY, MAPPERS, TRANSFORMS
-
-
-def ctx_for(x: torch.Tensor, sigma: float = 1.0, space: str = "eps") -> GuidanceContext:
-    return GuidanceContext.default(x, sigma=sigma, space=space)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and stall badly on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 CTX = GuidanceContext(sigma=torch.ones(1))
 

@@ -1,4 +1,5 @@
-"""Algebraic properties of the pure guidance math (guidekit.ops.guidance): CFG, projection, APG, rescale."""
+"""Algebraic properties of the pure guidance math (guidekit.ops.guidance): CFG, projection, APG, rescale,
+the per-sample reductions, and the pair check they run on their inputs."""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from guidekit.ops.guidance import (
     project,
     rescale_std,
 )
-from guidekit.ops.shapes import upcast
 
 scales = st.floats(-3.0, 20.0, allow_nan=False)
 fractions = st.floats(0.0, 1.0)
@@ -220,7 +220,7 @@ def test_rescale_keeps_dtype(dtype):
     assert rescale_std(cfg(c, u, 7.5), c, 0.7).dtype == dtype
 
 
-# -- helpers --------------------------------------------------------------------------------------------
+# -- input checks and per-sample reductions -------------------------------------------------------------
 def test_check_pair_names_the_mismatch():
     c = torch.zeros(2, 3, 4)
     with pytest.raises(ShapeError, match=r"pred_uncond: expected the shape of pred_cond \(2, 3, 4\), got \(2, 3\)"):
@@ -238,10 +238,3 @@ def test_per_sample_reductions_run_over_all_non_batch_dims(ex):
     x, y = ex.pred_cond, ex.pred_uncond
     assert close(per_sample_dot(x, y), (x.flatten(1) * y.flatten(1)).sum(1), 1e-12)
     assert close(per_sample_norm(x), x.flatten(1).norm(dim=1), 1e-12)
-
-
-def test_upcast_keeps_float64_and_raises_half():
-    assert upcast(torch.zeros(1, dtype=torch.bfloat16)).dtype == torch.float32
-    assert upcast(torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
-    x = torch.zeros(1)
-    assert upcast(x) is x

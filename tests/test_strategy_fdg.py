@@ -1,101 +1,24 @@
-"""FDG and its Laplacian pyramid: methods.md §11 invariants, kornia's pyramid and diffusers' guider.
+"""FDG (``gk.FDG``, frequency-decoupled guidance): diffusers' guider, methods.md §11 invariants, per-frame
+video, and its parameter errors.
 
 diffusers' ``FrequencyDecoupledGuidance`` needs kornia. Without kornia we still run diffusers' own
-combination code, with kornia's two pyramid functions replaced by a reference restated from kornia 0.9's
-source (``build_laplacian_pyramid``: 5x5 binomial ``filter2d`` with a reflect border, bilinear resize; no
-padding for the sizes used). With kornia installed (the ``test`` extra), the same checks also run
+combination code, with kornia's two pyramid functions replaced by the reference in :mod:`fdg_reference`
+(restated from kornia 0.9's source). With kornia installed (the ``test`` extra), the same checks also run
 against kornia itself.
 """
 
 from __future__ import annotations
 
-from itertools import pairwise
-
 import pytest
 import torch
-import torch.nn.functional as F
+from fdg_reference import KINDS, close, image_pairs, ref_laplacian_pyramid, ref_pyrup
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import guidekit as gk
-from guidekit.ops.frequency import fdg, laplacian_pyramid, reconstruct_pyramid
+from guidekit.ops.frequency import fdg
 from guidekit.ops.guidance import project
 from guidekit.testing import make_pair
-
-KINDS = ("independent", "correlated", "offset", "equal", "zero_sample", "tiny_delta")
-
-
-# -- a reference pyramid, restated from kornia's source --------------------------------------------------
-def _kornia_blur(x: torch.Tensor) -> torch.Tensor:
-    k1 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=x.dtype)
-    kernel = torch.outer(k1, k1) / 256.0  # kornia's _get_pyramid_gaussian_kernel
-    c = x.shape[1]
-    padded = F.pad(x, (2, 2, 2, 2), mode="reflect")
-    return F.conv2d(padded, kernel.expand(c, 1, 5, 5), groups=c)
-
-
-def ref_pyrup(x: torch.Tensor) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    return _kornia_blur(F.interpolate(x, size=(2 * h, 2 * w), mode="bilinear", align_corners=False))
-
-
-def ref_laplacian_pyramid(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
-    gaussian = [x]
-    for _ in range(levels - 1):
-        h, w = gaussian[-1].shape[-2:]
-        gaussian.append(F.interpolate(_kornia_blur(gaussian[-1]), size=(h // 2, w // 2), mode="bilinear"))
-    return [g - ref_pyrup(n) for g, n in pairwise(gaussian)] + [gaussian[-1]]
-
-
-@st.composite
-def kornia_sizes(draw, levels: int):
-    """(h, w) that kornia takes as they are: divisible by 2**(levels-1), one a power of two, >= 3 at the top."""
-    step = 2 ** (levels - 1)
-    h = draw(st.sampled_from([2**k for k in range(2, 6) if 2**k >= 3 * step] or [4 * step]))
-    w = step * draw(st.integers(3, 6))
-    return (h, w) if draw(st.booleans()) else (w, h)
-
-
-@st.composite
-def image_pairs(draw, levels: int | None = None, kinds=KINDS):
-    levels = draw(st.integers(1, 3)) if levels is None else levels
-    h, w = draw(kornia_sizes(levels))
-    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 4)), h, w)
-    c, u = make_pair(shape, draw(st.sampled_from(kinds)), draw(st.integers(0, 2**31 - 1)))
-    return c, u, levels
-
-
-def close(a: torch.Tensor, b: torch.Tensor, rtol: float, like: torch.Tensor) -> bool:
-    return float((a - b).abs().max()) <= rtol * max(float(like.abs().max()), 1e-300)
-
-
-# -- the pyramid -----------------------------------------------------------------------------------------
-@given(
-    st.integers(1, 3), st.integers(1, 4), st.integers(1, 11), st.integers(1, 11), st.integers(1, 5), st.integers(0, 99)
-)
-def test_pyramid_reconstructs_every_shape_exactly(b, c, h, w, levels, seed):
-    x = torch.randn(b, c, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    pyramid = laplacian_pyramid(x, levels)
-    assert len(pyramid) == levels and pyramid[0].shape == x.shape
-    assert close(reconstruct_pyramid(pyramid), x, 1e-12, x)
-
-
-@settings(max_examples=30)
-@given(image_pairs())
-def test_pyramid_matches_kornias_algorithm(example):
-    x, _, levels = example
-    for ours, ref in zip(laplacian_pyramid(x, levels), ref_laplacian_pyramid(x, levels), strict=True):
-        assert close(ours, ref, 1e-12, x)
-
-
-@settings(max_examples=20)
-@given(image_pairs())
-def test_pyramid_matches_kornia(example):
-    kornia = pytest.importorskip("kornia")
-    x, _, levels = example
-    theirs = kornia.geometry.transform.build_laplacian_pyramid(x, levels)
-    for ours, ref in zip(laplacian_pyramid(x, levels), theirs, strict=True):
-        assert close(ours, ref, 1e-12, x)
 
 
 # -- FDG against diffusers -------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Layouts: canonical (b, c, *spatial) conversion round trips for any axis order, and clear errors."""
+"""guidekit.ops.shapes: layouts (canonical (b, c, *spatial) conversion round trips for any axis order, and
+clear errors), the per-sample dim helpers, and the half-precision upcast."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from guidekit.ops.shapes import (
     non_batch_dims,
     parse_layout,
     to_canonical,
+    upcast,
 )
 
 extra_axes = st.lists(st.sampled_from(["f", "h", "w", "t", "d", "l"]), max_size=3, unique=True)
@@ -91,3 +93,10 @@ def test_reduction_helpers_refuse_too_few_or_too_many_dims():
         non_batch_dims(torch.zeros(3))
     with pytest.raises(ShapeError, match=r"expected at most 2 dims, got shape \(1, 1, 1\)"):
         append_dims(torch.zeros(1, 1, 1), 2)
+
+
+def test_upcast_keeps_float64_and_raises_half():
+    assert upcast(torch.zeros(1, dtype=torch.bfloat16)).dtype == torch.float32
+    assert upcast(torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
+    x = torch.zeros(1)
+    assert upcast(x) is x

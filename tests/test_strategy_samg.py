@@ -9,10 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from samg_gen import pred_pairs, scale_ranges, shapes, sigmas
+from samg_gen import ctx_for, pred_pairs, scale_ranges, shapes, sigmas
 
 import guidekit as gk
-from guidekit.context import GuidanceContext
 from guidekit.energy import (
     BoundMapper,
     DeltaScore,
@@ -40,19 +39,6 @@ def samg(kind: str, w_min: float, w_max: float, direction: str = "decreasing", *
         "bound": lambda: BoundMapper(w_min, w_max, direction, k=1.0),
     }
     return gk.SAMG(mapper=mappers[kind](), **kwargs)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and stall badly on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def ctx_for(x: torch.Tensor, sigma: float = 1.0, space: str = "eps") -> GuidanceContext:
-    return GuidanceContext.default(x, sigma=sigma, space=space)
 
 
 def effective_scale(out, c, u):
