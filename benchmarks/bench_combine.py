@@ -47,33 +47,47 @@ TARGETS = {
 
 
 def round_times(
-    fns: dict[str, Callable[[], object]], rounds: int = 21, budget_s: float = 0.01
+    fns: dict[str, Callable[[], object]],
+    rounds: int = 21,
+    budget_s: float = 0.01,
+    clock: Callable[[], float] = time.thread_time,
 ) -> list[dict[str, float]]:
-    """``rounds`` interleaved rounds; in each, the mean thread CPU seconds per call of every function."""
+    """``rounds`` interleaved rounds; in each, the mean seconds per call of every function on ``clock``
+    (thread CPU time here; benchmarks/bench_gpu.py passes a device clock)."""
     numbers = {}
     for name, fn in fns.items():  # warm up, then size each round to about ``budget_s``
         fn()
-        start = time.thread_time()
+        start = clock()
         fn()
-        numbers[name] = max(1, int(budget_s / max(time.thread_time() - start, 1e-7)))
+        numbers[name] = max(1, int(budget_s / max(clock() - start, 1e-7)))
     out = []
     for _ in range(rounds):
         times = {}
         for name, fn in fns.items():
-            start = time.thread_time()
+            start = clock()
             for _ in range(numbers[name]):
                 fn()
-            times[name] = (time.thread_time() - start) / numbers[name]
+            times[name] = (clock() - start) / numbers[name]
         out.append(times)
     return out
 
 
-def operations(shape: tuple[int, ...]) -> dict[str, Callable[[], object]]:
+def inputs(
+    shape: tuple[int, ...], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeded predictions ``(pred_cond, pred_uncond)`` every operation combines."""
+    gen = torch.Generator().manual_seed(0)
+    c, u = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    return c.to(device, dtype), u.to(device, dtype)
+
+
+def operations(
+    shape: tuple[int, ...], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> dict[str, Callable[[], object]]:
     from diffusers.guiders import AdaptiveProjectedGuidance, ClassifierFreeGuidance
     from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer
 
-    gen = torch.Generator().manual_seed(0)
-    c, u = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    c, u = inputs(shape, device, dtype)
     out = torch.empty_like(c)
     ctx = gk.GuidanceContext.default(c)
     cfg, apg, samg = gk.CFG(7.5), gk.APG(scale=15.0, eta=0.0, norm_threshold=15.0, momentum=-0.5), gk.SAMG()

@@ -45,22 +45,39 @@ SECTION = "## diffusers integration"
 SCALE = 4.0
 
 
-def median_cpu_times(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """Median over ``rounds`` interleaved rounds of the thread CPU seconds of one call of each function."""
+def median_cpu_times(
+    fns: dict[str, Callable[[], Any]], rounds: int, clock: Callable[[], float] = time.thread_time
+) -> dict[str, float]:
+    """Median over ``rounds`` interleaved rounds of the seconds of one call of each function on ``clock``
+    (thread CPU time here; benchmarks/bench_gpu.py passes a device clock)."""
     for fn in fns.values():
         fn()  # warm up (first-call allocations, lazy imports)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.thread_time()
+            start = clock()
             fn()
-            samples[name].append(time.thread_time() - start)
+            samples[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def variants(family: str, steps: int) -> tuple[dict[str, Callable[[], Any]], dict[str, int]]:
-    """The call variants of one family, and the NFE per sample each one spends."""
+def pipeline(family: str, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any]]:
+    """The tiny pipeline of ``family`` and its call kwargs, both moved to ``device``."""
     pipe, kw = tiny_pipeline(family)
+    if torch.device(device).type != "cpu":
+        pipe.to(device)
+        kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    return pipe, kw
+
+
+def variants(
+    family: str, steps: int, device: str | torch.device = "cpu", tolerance: float = 1e-5
+) -> tuple[dict[str, Callable[[], Any]], dict[str, int]]:
+    """The call variants of one family, and the NFE per sample each one spends.
+
+    ``generate`` must give the pipeline's latents to ``tolerance`` (relative to their largest entry).
+    """
+    pipe, kw = pipeline(family, device)
     common = dict(kw, num_inference_steps=steps, output_type="latent")
     sampler = "flow-euler" if gkd.prediction_space(pipe.scheduler) == "flow" else "euler"
     interval = gk.Interval(gk.CFG(SCALE), 0.28, 5.42)
@@ -87,12 +104,18 @@ def variants(family: str, steps: int) -> tuple[dict[str, Callable[[], Any]], dic
     nfe["pipeline"] = 2 * steps
     ref = fns["pipeline"]()[0]
     diff = float((fns["generate"]()[0] - ref).abs().max())
-    if diff > 1e-5 * max(1.0, float(ref.abs().max())):
+    if diff > tolerance * max(1.0, float(ref.abs().max())):
         raise AssertionError(f"{family}: generate differs from the pipeline's CFG by {diff}")
     return fns, nfe
 
 
-def null_overhead(family: str, steps: int, rounds: int) -> dict[str, float]:
+def null_overhead(
+    family: str,
+    steps: int,
+    rounds: int,
+    device: str | torch.device = "cpu",
+    clock: Callable[[], float] = time.thread_time,
+) -> dict[str, float]:
     """Seconds per step that ``generate`` adds to the pipeline's loop when the denoiser costs nothing.
 
     Every denoiser forward is replaced by ``zeros_like(latent)``, so both loops time only their own work:
@@ -100,7 +123,7 @@ def null_overhead(family: str, steps: int, rounds: int) -> dict[str, float]:
     and ``[g; g]`` (``generate``), or the guidekit loop over the pipeline's call (``sampler``). The
     differences are the integration's own per-step costs, independent of the model size.
     """
-    pipe, kw = tiny_pipeline(family)
+    pipe, kw = pipeline(family, device)
     latent_arg = gkd.FAMILIES[gkd.family_of(pipe)[0]].latent_arg
     for name in ("unet", "transformer"):
         model = getattr(pipe, name, None)
@@ -115,8 +138,27 @@ def null_overhead(family: str, steps: int, rounds: int) -> dict[str, float]:
             "sampler": lambda: gkd.generate(pipe, gk.CFG(SCALE), sampler=sampler, **common),
         },
         rounds,
+        clock,
     )
     return {k: (times[k] - times["pipeline"]) / steps for k in ("generate", "sampler")}
+
+
+def measure(
+    families: list[str],
+    steps: int,
+    rounds: int,
+    device: str | torch.device = "cpu",
+    clock: Callable[[], float] = time.thread_time,
+    tolerance: float = 1e-5,
+) -> list[tuple[str, dict[str, float], dict[str, int], dict[str, float]]]:
+    """For each family: the median time of every variant, their NFE and the null-denoiser overheads."""
+    rows = []
+    for family in families:
+        fns, nfe = variants(family, steps, device, tolerance)
+        times = median_cpu_times(fns, rounds, clock)
+        rows.append((family, times, nfe, null_overhead(family, steps, rounds, device, clock)))
+        print(f"{family}: done", flush=True)
+    return rows
 
 
 def markdown(rows: list[tuple[str, dict[str, float], dict[str, int], dict[str, float]]], steps: int) -> str:
@@ -179,13 +221,7 @@ def main() -> None:
     torch.set_num_threads(1)
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    rows = []
-    for family in args.families:
-        fns, nfe = variants(family, args.steps)
-        times = median_cpu_times(fns, args.rounds)
-        rows.append((family, times, nfe, null_overhead(family, args.steps, args.rounds)))
-        print(f"{family}: done", flush=True)
-    table = markdown(rows, args.steps)
+    table = markdown(measure(args.families, args.steps, args.rounds), args.steps)
     print(table)
     if not args.no_write:
         write_section(table, args.steps, args.rounds)

@@ -102,31 +102,40 @@ def quality_table(n: int, steps: int, target: float) -> tuple[str, dict[str, flo
 
 
 # -- 2. loop overhead --------------------------------------------------------------------------------------
-def median_times(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median over interleaved rounds of the seconds per call of each function."""
+def median_times(
+    fns: dict[str, Callable[[], object]], rounds: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, float]:
+    """Median over interleaved rounds of the seconds per call of each function (on ``clock``)."""
     for fn in fns.values():
         fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(clock() - start)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def overhead_row(shape: tuple[int, ...], layout: str, rounds: int, steps: int = 20) -> str:
+def overhead_row(
+    shape: tuple[int, ...],
+    layout: str,
+    rounds: int,
+    steps: int = 20,
+    device: str | torch.device = "cpu",
+    clock: Callable[[], float] = time.perf_counter,
+) -> str:
     """One table row: per-step times of the model call, a hand-written loop and ``gk.sample``."""
     b = shape[0]
 
     def model(x, t, c):
         return x * 0.9 + 0.1
 
-    x_t = torch.randn(shape)
-    both = torch.cat([torch.zeros(b), torch.ones(b)])
+    x_t = torch.randn(shape).to(device)
+    both = torch.cat([torch.zeros(b), torch.ones(b)]).to(device)
     adapter = gk.samplers.adapt(model, "eps", layout=layout)
     sigmas = karras_sigmas(steps, adapter.sigma_min, adapter.sigma_max).float()
-    doubled, t = torch.cat([x_t, x_t]), torch.full((2 * b,), 500.0)
+    doubled, t = torch.cat([x_t, x_t]), torch.full((2 * b,), 500.0, device=device)
 
     def model_call():
         for _ in range(steps):
@@ -136,7 +145,8 @@ def overhead_row(shape: tuple[int, ...], layout: str, rounds: int, steps: int = 
         x = x_t * float(torch.sqrt(1 + sigmas[0] ** 2))
         for i in range(steps):
             s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-            eps = model(torch.cat([x, x]) / (1 + s * s) ** 0.5, adapter.model_time(torch.full((2 * b,), s)), both)
+            t_s = adapter.model_time(torch.full((2 * b,), s, device=device))
+            eps = model(torch.cat([x, x]) / (1 + s * s) ** 0.5, t_s, both)
             eps = eps[b:] + 3.0 * (eps[:b] - eps[b:])
             x = x + (s_next - s) * eps
         return x
@@ -144,21 +154,24 @@ def overhead_row(shape: tuple[int, ...], layout: str, rounds: int, steps: int = 
     def loop():
         gk.sample(adapter, x_t, schedule=sigmas, strategy=gk.CFG(3.0), cond=both[:b], uncond=both[b:], progress=False)
 
-    per = {k: v / steps for k, v in median_times({"model": model_call, "hand": hand, "loop": loop}, rounds).items()}
+    fns = {"model": model_call, "hand": hand, "loop": loop}
+    per = {k: v / steps for k, v in median_times(fns, rounds, clock).items()}
     return (
         f"| {tuple(shape)} ({layout}) | {per['model'] * 1e6:.0f} µs | {per['hand'] * 1e6:.0f} µs | "
         f"{per['loop'] * 1e6:.0f} µs | {per['loop'] / per['hand']:.2f} | {(per['loop'] - per['model']) * 1e6:.0f} |"
     )
 
 
-def overhead_table(rounds: int) -> str:
+def overhead_table(
+    rounds: int, device: str | torch.device = "cpu", clock: Callable[[], float] = time.perf_counter
+) -> str:
     rows = [
         "| latent (layout) | model call | hand-written CFG Euler step | `gk.sample` step | gk / hand | "
         "gk − model (µs) |",
         "|---|---|---|---|---|---|",
     ]
     for shape, layout in (((2, 4, 64, 64), "b c h w"), ((1, 13, 16, 30, 45), "b f c h w")):
-        rows.append(overhead_row(shape, layout, rounds))
+        rows.append(overhead_row(shape, layout, rounds, device=device, clock=clock))
     return "\n".join(rows)
 
 
