@@ -38,7 +38,8 @@ from .branch import Branch
 from .config import ComponentSpec, build, to_spec
 from .context import GuidanceContext
 from .engine.backend import Backend
-from .ops.shapes import canonical_layout, from_canonical, parse_layout, to_canonical
+from .ops.checks import all_finite
+from .ops.shapes import append_dims, canonical_layout, from_canonical, parse_layout, to_canonical
 from .registry import STRATEGIES
 from .strategies.base import GuidanceStrategy
 
@@ -149,7 +150,7 @@ class Example:
         gen = torch.Generator().manual_seed(1234)
         noise = torch.randn(self.pred_cond.shape, generator=gen, dtype=torch.float64).to(self.pred_cond)
         sigma = self.sigma.to(self.pred_cond.device)
-        x = self.pred_cond + sigma.to(self.pred_cond.dtype).reshape(-1, *([1] * (self.pred_cond.ndim - 1))) * noise
+        x = self.pred_cond + append_dims(sigma.to(self.pred_cond.dtype), self.pred_cond.ndim) * noise
         fields: dict[str, Any] = dict(sigma=sigma, step=0, num_steps=10, sigma_next=sigma * 0.5, x=x)
         fields.update(changes)
         return GuidanceContext(**fields)
@@ -364,7 +365,7 @@ def check_finite(s: GuidanceStrategy, ex: Example) -> str | None:
         for dtype in (torch.float32, torch.float64):
             pc_, pu_ = pc.to(dtype), pu.to(dtype)
             out = s(pc_, pu_, ex.cast(dtype).context(allow_nonfinite=True))
-            if not bool(torch.isfinite(out).all()):
+            if not all_finite(out):
                 return f"non-finite output for inputs {name!r} in {dtype}"
     return None
 
