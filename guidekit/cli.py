@@ -1,4 +1,4 @@
-"""The ``guidekit`` command: ``demo``, ``compare``, ``list`` and ``train``.
+"""The ``guidekit`` command: ``demo``, ``compare``, ``sweep``, ``list`` and ``train``.
 
 Errors a user can make (unknown names, bad parameters or numbers, unreadable spec files, output folders
 that cannot be written, a missing optional dependency) end with a one-line message on stderr and exit
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .zoo.cmdline import counts, guarded, require_extras, seeds
+from .zoo.cmdline import counts, guarded, out_folder, require_extras, seeds
 
 __all__ = ["main", "parse_strategy"]
 
@@ -195,6 +195,45 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """A grid of strategies x scales x seeds from a JSON/TOML file, sharded over the ranks of a torchrun or
+    accelerate job, one atomic file per cell, resumable; rank 0 merges into compare's outputs."""
+    from .zoo.sweep import describe_missing, load_sweep, merge, missing, run_cells, wait_for, world_position
+
+    grid = load_sweep(args.spec, parse_strategy)
+    counts(args, "threads")
+    if not args.wait >= 0:
+        raise CLIError(f"--wait: expected a number of seconds >= 0, got {args.wait:g}")
+    rank, world = world_position()
+    require_extras("sweep", DEMO_MODULES)
+    from .zoo.compare import DigitsBench, GMMBench
+    from .zoo.output import IMAGE_OUTPUTS, StagedOutput
+    from .zoo.threads import torch_threads
+
+    out = out_folder("--out", args.out)
+    with torch_threads(args.threads):
+        bench = GMMBench() if grid.model == "gmm" else DigitsBench()
+        if not args.merge_only:
+            total, done = len(grid.cells()), len(grid.cells()) - len(missing(grid, out))
+            if not args.quiet:
+                print(f"guidekit sweep: rank {rank} of {world}, {total} cells, {done} done earlier", file=sys.stderr)
+            run_cells(bench, grid, out, rank, world, progress=not args.quiet)
+        if rank != 0:
+            return 0
+        waited = args.wait if world > 1 and not args.merge_only else 0.0
+        left = wait_for(grid, out, waited, progress=world > 1 and not args.quiet)
+        if left:
+            raise CLIError(
+                f"sweep: {describe_missing(grid, out, left)} after waiting {waited:g} s; run the same command "
+                "again to finish them (finished cells are kept)"
+            )
+        comparison = merge(bench, grid, out)
+        with StagedOutput(args.out, IMAGE_OUTPUTS, force=True) as folder:  # the merged files, all at once
+            table, names = _write_run(comparison, folder)
+    _report(table, args.out, names, args.quiet)
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     """Registered components of every group, with where each comes from (code or a plugin)."""
     from .registry import REGISTRIES
@@ -240,7 +279,7 @@ def _add_run_options(p: argparse.ArgumentParser, per_class: int, steps: int) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guidekit", description="Compare diffusion guidance strategies.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,compare,list,train}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,compare,sweep,list,train}")
 
     demo = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
     _add_run_options(demo, per_class=20, steps=12)
@@ -257,6 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--model", choices=["digits", "gmm"], default="digits", help="embedded model (default digits)")
     _add_run_options(compare, per_class=20, steps=20)
     compare.set_defaults(func=cmd_compare)
+
+    sweep = sub.add_parser("sweep", help=cmd_sweep.__doc__, description=cmd_sweep.__doc__)
+    sweep.add_argument("spec", metavar="SPEC", help="a JSON or TOML sweep file (docs/cli.md#guidekit-sweep)")
+    sweep.add_argument("--out", default=DEFAULT_OUT, help=f"output folder, reused to resume (default ./{DEFAULT_OUT})")
+    sweep.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
+    sweep.add_argument("--wait", type=float, default=3600.0, help="seconds rank 0 waits for the other ranks' cells")
+    sweep.add_argument("--merge-only", action="store_true", help="only merge finished cells into the outputs")
+    sweep.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no table on stdout")
+    sweep.set_defaults(func=cmd_sweep)
 
     lister = sub.add_parser("list", help=cmd_list.__doc__, description=cmd_list.__doc__)
     groups = ["strategies", "energy", "transforms", "mappers", "samplers", "scale-functions"]  # REGISTRIES' keys
