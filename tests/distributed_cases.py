@@ -51,8 +51,11 @@ STRATEGIES: dict[str, Callable[[], gk.GuidanceStrategy]] = {
     "interval": lambda: gk.Interval(gk.CFG(3.0), sigma_lo=0.3, sigma_hi=8.0),  # uncond on the middle steps only
     "adaptive": lambda: gk.AdaptiveGuidance(gk.CFG(3.0), threshold=0.95),  # switches mid-run
     "three": lambda: AwayFromNegative(),
+    "autoguidance": lambda: gk.AutoGuidance(2.0),  # two groups (main, weak): each splits the batch
 }
 SAMPLERS = ("euler", "heun", "dpmpp-2m")
+STOCHASTIC = ("cfg/euler-ancestral/image/rowwise", "cfg/euler-ancestral/video/batched")
+"""Noise from one generator per sample, seeded the same on every rank."""
 
 
 @dataclass(frozen=True)
@@ -75,13 +78,14 @@ oracle as is (its float64 matmuls may differ in the last ulp between batch sizes
 
 
 class Counting:
-    """The oracle as a native model that counts the rows it evaluates (``rowwise``: one row per call)."""
+    """The oracle as a native model that adds the rows it evaluates to ``tally[0]`` (``rowwise``: one row per
+    call)."""
 
-    def __init__(self, model: Callable[..., Tensor], rowwise: bool) -> None:
-        self.model, self.rowwise, self.rows = model, rowwise, 0
+    def __init__(self, model: Callable[..., Tensor], rowwise: bool, tally: list[int]) -> None:
+        self.model, self.rowwise, self.tally = model, rowwise, tally
 
     def __call__(self, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
-        self.rows += x.shape[0]
+        self.tally[0] += x.shape[0]
         if not self.rowwise:
             return self.model(x, t, labels)
         t = torch.as_tensor(t).expand(x.shape[0])
@@ -93,30 +97,42 @@ def dc_model() -> Callable[..., Tensor]:
 
 
 def cases() -> list[str]:
-    return [f"{s}/{sm}/{sh}/{m}" for s in STRATEGIES for sm in SAMPLERS for sh in SHAPES for m in MODELS]
+    grid = [f"{s}/{sm}/{sh}/{m}" for s in STRATEGIES for sm in SAMPLERS for sh in SHAPES for m in MODELS]
+    return [*grid, *STOCHASTIC]
 
 
 def run_case(name: str, parallel: bool, *, seed: int = 0, scale: float | None = None) -> tuple[Tensor, dict[str, int]]:
     """Sample case ``name`` (``strategy/sampler/shape/model``); ``parallel``: through :func:`distributed.wrap`."""
     strategy_name, sampler, shape_name, model_name = name.split("/")
     shape = SHAPES[shape_name]
-    native = Counting(shape.oracle.as_model(shape.prediction), model_name == "rowwise")
+    tally = [0]  # rows evaluated by the model (and the weak model)
+    native = Counting(shape.oracle.as_model(shape.prediction), model_name == "rowwise", tally)
     adapter = adapt(native, shape.prediction, layout=shape.layout)
     strategy = STRATEGIES[strategy_name]() if scale is None else gk.CFG(scale)
+    weak = None
+    if "weak" in strategy.models():  # another mixture with wider components as the weak model
+        blurred = GaussianMixture.random(3, 2, shape.oracle.event_shape, spread=2.0, std=0.8, seed=99)
+        weak = adapt(Counting(blurred.as_model(shape.prediction), model_name == "rowwise", tally), shape.prediction,
+                     layout=shape.layout)  # fmt: skip
     b = shape.batch
     labels = torch.arange(b) % 3
     extra = {"negative": (labels + 1) % 3}
-    den: GuidedDenoiser = gk.guided(adapter, strategy, labels, torch.full((b,), UNCOND), conditions=extra)
+    den: GuidedDenoiser = gk.guided(
+        adapter, strategy, labels, torch.full((b,), UNCOND), conditions=extra, weak_model=weak
+    )
     if parallel:
         distributed.wrap(den)
     sigmas = default_schedule(adapter, STEPS)
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(b, *shape.oracle.event_shape, generator=g, dtype=torch.float64)
     x = adapter.initial_x(x_T, sigmas[0])
-    x = gk.samplers.get(sampler)(den, x, sigmas)
-    stats = {"model_rows": native.rows, "nfe": den.nfe, "uncond_steps": sum(r.uncond_used for r in den.records)}
+    options = {}
+    if sampler == "euler-ancestral":
+        options["generator"] = [torch.Generator().manual_seed(100 + i) for i in range(b)]
+    x = gk.samplers.get(sampler)(den, x, sigmas, **options)
+    stats = {"model_rows": tally[0], "nfe": den.nfe, "uncond_steps": sum(r.uncond_used for r in den.records)}
     backend = den.engine.backend
-    stats["rows"] = backend.rows if isinstance(backend, distributed.DistributedBackend) else native.rows
+    stats["rows"] = backend.rows if isinstance(backend, distributed.DistributedBackend) else tally[0]
     return adapter.final_x(x), stats
 
 

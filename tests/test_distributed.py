@@ -2,8 +2,9 @@
 
 Two ``torchrun`` launches (2 and 3 gloo processes on 127.0.0.1) each run every case of
 ``distributed_cases.py`` (CFG, APG, Interval(CFG) with and without the unconditional branch, Adaptive
-Guidance across its switch, a three-branch plan; euler, heun, dpmpp-2m; images and 5D video), and two
-runs whose ranks disagree. Against the same cases run in this process:
+Guidance across its switch, a three-branch plan, AutoGuidance's two groups (main and weak model); euler,
+heun, dpmpp-2m, and euler-ancestral with per-sample generators; images and 5D video), and two runs whose
+ranks disagree. Against the same cases run in this process:
 
 * ``rowwise`` model (each row evaluated alone, so bitwise batch-independent): **bit-identical**, on every rank.
 * ``batched`` model (the Gaussian-mixture oracle as is): its float64 matmuls differ in the last ulp between
