@@ -198,7 +198,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """A grid of strategies x scales x seeds from a JSON/TOML file, sharded over the ranks of a torchrun or
     accelerate job, one atomic file per cell, resumable; rank 0 merges into compare's outputs."""
-    from .zoo.sweep import describe_missing, load_sweep, merge, missing, run_cells, wait_for, world_position
+    from .zoo.sweep import bench_for, describe_missing, load_sweep, merge, missing, run_cells, wait_for, world_position
 
     grid = load_sweep(args.spec, parse_strategy)
     counts(args, "threads")
@@ -206,18 +206,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise CLIError(f"--wait: expected a number of seconds >= 0, got {args.wait:g}")
     rank, world = world_position()
     require_extras("sweep", DEMO_MODULES)
-    from .zoo.compare import DigitsBench, GMMBench
     from .zoo.output import IMAGE_OUTPUTS, StagedOutput
     from .zoo.threads import torch_threads
 
     out = out_folder("--out", args.out)
+    if args.ray is not None and world > 1:
+        raise CLIError(f"--ray: expected one driver process (Ray runs the cells), got WORLD_SIZE={world}")
+    bench = None
     with torch_threads(args.threads):
-        bench = GMMBench() if grid.model == "gmm" else DigitsBench()
         if not args.merge_only:
             total, done = len(grid.cells()), len(grid.cells()) - len(missing(grid, out))
             if not args.quiet:
-                print(f"guidekit sweep: rank {rank} of {world}, {total} cells, {done} done earlier", file=sys.stderr)
-            run_cells(bench, grid, out, rank, world, progress=not args.quiet)
+                where = "Ray" if args.ray is not None else f"rank {rank} of {world}"
+                print(f"guidekit sweep: {where}, {total} cells, {done} done earlier", file=sys.stderr)
+            if args.ray is not None:
+                from .zoo.sweep_ray import run_cells_ray
+
+                run_cells_ray(grid, out, args.ray or None, args.threads, progress=not args.quiet)
+            else:
+                bench = bench_for(grid.model)
+                run_cells(bench, grid, out, rank, world, progress=not args.quiet)
         if rank != 0:
             return 0
         waited = args.wait if world > 1 and not args.merge_only else 0.0
@@ -227,7 +235,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 f"sweep: {describe_missing(grid, out, left)} after waiting {waited:g} s; run the same command "
                 "again to finish them (finished cells are kept)"
             )
-        comparison = merge(bench, grid, out)
+        comparison = merge(bench or bench_for(grid.model), grid, out)
         with StagedOutput(args.out, IMAGE_OUTPUTS, force=True) as folder:  # the merged files, all at once
             table, names = _write_run(comparison, folder)
     _report(table, args.out, names, args.quiet)
@@ -303,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
     sweep.add_argument("--wait", type=float, default=3600.0, help="seconds rank 0 waits for the other ranks' cells")
     sweep.add_argument("--merge-only", action="store_true", help="only merge finished cells into the outputs")
+    sweep.add_argument(
+        "--ray", nargs="?", const="", metavar="ADDRESS",
+        help="run the cells as Ray tasks (a cluster's ADDRESS; none: RAY_ADDRESS or a local Ray); needs guidekit[ray]",
+    )  # fmt: skip
     sweep.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no table on stdout")
     sweep.set_defaults(func=cmd_sweep)
 

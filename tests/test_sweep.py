@@ -118,6 +118,15 @@ def test_two_processes_merge_into_the_same_table(spec: Path, reference: list[dic
     assert table(tmp_path) == reference
 
 
+def test_ray_tasks_run_the_same_cells(spec: Path, reference: list[dict[str, str]], tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    command = [sys.executable, "-m", "guidekit.cli", "sweep", str(spec), "--out", str(tmp_path), "--ray", "-q"]
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert len(cells(tmp_path)) == 16 and not list((tmp_path / "cells").glob(".*"))
+    assert table(tmp_path) == reference
+
+
 # -- the parts ---------------------------------------------------------------------------------------------
 def test_sweep_file_errors_name_the_file_and_the_field(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"

@@ -12,6 +12,7 @@ file ``OUT/cells/<key>.pt``, written under a temporary name and renamed, so a ki
 whole cell or none; a restarted sweep skips the cells whose file exists. The key hashes the model, the
 setting, the strategy's spec and the seed, so a changed grid reuses exactly the cells it shares. Rank 0
 then merges the cells into the outputs of ``guidekit compare`` (``metrics.txt/.csv/.json``, grid, frontier).
+:mod:`guidekit.zoo.sweep_ray` runs the same cells as Ray tasks instead (``--ray``).
 """
 
 from __future__ import annotations
@@ -39,10 +40,13 @@ __all__ = [
     "Cell",
     "Grid",
     "SweepSpec",
+    "bench_for",
+    "clear_stale",
     "describe_missing",
     "load_sweep",
     "merge",
     "missing",
+    "run_cell",
     "run_cells",
     "wait_for",
     "with_scale",
@@ -174,40 +178,54 @@ def missing(grid: Grid, out: Path) -> list[Cell]:
     return [c for c in grid.cells() if not _path(out, c).exists()]
 
 
+def bench_for(model: str) -> Bench:
+    """The embedded bench a sweep file names (``digits`` or ``gmm``)."""
+    from .compare import DigitsBench, GMMBench
+
+    return GMMBench() if model == "gmm" else DigitsBench()
+
+
 def run_cells(
     bench: Bench, grid: Grid, out: Path, rank: int = 0, world: int = 1, progress: bool = True
 ) -> tuple[int, int]:
     """Run this rank's unfinished cells, one atomic file each; return ``(cells computed, cells of this rank)``."""
     from tqdm.auto import tqdm
 
-    folder = out / CELLS
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(f".*.tmp-r{rank}"):  # a killed run of this rank left it half written
-        stale.unlink()
+    clear_stale(out, f"r{rank}")
     mine = grid.cells()[rank::world]
     todo = [c for c in mine if not _path(out, c).exists()]
     desc = f"rank {rank}/{world}"
     with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, disable=not progress, unit="cell") as bar:
         for cell in todo:
             bar.set_postfix_str(f"{cell.entry.label} seed={cell.seed}"[:48])
-            first = cell.seed == grid.seeds[0]
-            run = bench.run(cell.entry.strategy, grid.settings, seed=cell.seed, record_scale_maps=first)
-            payload = {
-                "key": cell.key,
-                "seed": cell.seed,
-                "label": cell.entry.label,
-                "metrics": run.metrics,
-                "samples": run.samples,
-                "labels": run.labels,
-                "records": run.records if first else [],
-            }
-            _save_atomic(payload, _path(out, cell), rank)
+            run_cell(bench, grid, cell, out, f"r{rank}")
             bar.update(1)
     return len(todo), len(mine)
 
 
-def _save_atomic(payload: dict[str, Any], path: Path, rank: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-r{rank}")
+def clear_stale(out: Path, writer: str) -> None:
+    """Create ``OUT/cells`` and remove what a killed run of ``writer`` left half written."""
+    folder = out / CELLS
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(f".*.tmp-{writer}"):
+        stale.unlink()
+
+
+def run_cell(bench: Bench, grid: Grid, cell: Cell, out: Path, writer: str) -> None:
+    """Sample and measure one cell and write its file atomically (``writer`` names the temporary file)."""
+    first = cell.seed == grid.seeds[0]
+    run = bench.run(cell.entry.strategy, grid.settings, seed=cell.seed, record_scale_maps=first)
+    payload = {
+        "key": cell.key,
+        "seed": cell.seed,
+        "label": cell.entry.label,
+        "metrics": run.metrics,
+        "samples": run.samples,
+        "labels": run.labels,
+        "records": run.records if first else [],
+    }
+    path = _path(out, cell)
+    tmp = path.with_name(f".{path.name}.tmp-{writer}")
     with tmp.open("wb") as fh:
         torch.save(payload, fh)
         fh.flush()
