@@ -101,12 +101,17 @@ def cases() -> list[str]:
     return [*grid, *STOCHASTIC]
 
 
-def run_case(name: str, parallel: bool, *, seed: int = 0, scale: float | None = None) -> tuple[Tensor, dict[str, int]]:
-    """Sample case ``name`` (``strategy/sampler/shape/model``); ``parallel``: through :func:`distributed.wrap`."""
+def run_case(
+    name: str, parallel: bool, *, seed: int = 0, scale: float | None = None, poison: bool = False
+) -> tuple[Tensor, dict[str, int]]:
+    """Sample case ``name`` (``strategy/sampler/shape/model``); ``parallel``: through :func:`distributed.wrap`;
+    ``poison``: the model returns NaN (so this process's forward raises)."""
     strategy_name, sampler, shape_name, model_name = name.split("/")
     shape = SHAPES[shape_name]
     tally = [0]  # rows evaluated by the model (and the weak model)
-    native = Counting(shape.oracle.as_model(shape.prediction), model_name == "rowwise", tally)
+    oracle = shape.oracle.as_model(shape.prediction)
+    model = (lambda x, t, labels: oracle(x, t, labels) * float("nan")) if poison else oracle
+    native = Counting(model, model_name == "rowwise", tally)
     adapter = adapt(native, shape.prediction, layout=shape.layout)
     strategy = STRATEGIES[strategy_name]() if scale is None else gk.CFG(scale)
     weak = None
@@ -142,12 +147,12 @@ def main(out: str) -> None:
     results: dict[str, Any] = {"samples": {}, "stats": {}, "errors": {}}
     for name in cases():
         results["samples"][name], results["stats"][name] = run_case(name, parallel=True)
-    disagreements = {"seed": {"seed": rank}, "strategy": {"scale": 3.0 + rank}}
+    disagreements = {"seed": {"seed": rank}, "strategy": {"scale": 3.0 + rank}, "failure": {"poison": rank == 1}}
     for what, kwargs in disagreements.items():
         try:
             run_case("cfg/euler/image/batched", parallel=True, **kwargs)
-        except gk.ConfigError as exc:
-            results["errors"][what] = str(exc)
+        except gk.GuidekitError as exc:
+            results["errors"][what] = f"{type(exc).__name__}: {exc}"
     den = gk.guided(adapt(dc_model(), "edm"), gk.CFG(3.0), torch.zeros(1), torch.zeros(1))
     try:
         distributed.wrap(distributed.wrap(den))

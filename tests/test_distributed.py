@@ -131,7 +131,7 @@ def test_cases_cover_steps_with_and_without_the_unconditional_branch(
             assert 0 < stats["uncond_steps"] < dc.STEPS, (name, stats)
 
 
-def test_ranks_that_disagree_are_told_what_differs(launch: tuple[int, list[Any]]) -> None:
+def test_ranks_that_disagree_or_fail_are_told_what_differs(launch: tuple[int, list[Any]]) -> None:
     world, ranks = launch
     for rank, result in enumerate(ranks):
         errors = result["errors"]
@@ -139,3 +139,7 @@ def test_ranks_that_disagree_are_told_what_differs(launch: tuple[int, list[Any]]
         assert "strategy on ranks" in errors["strategy"] and f"rank {rank} of {world}" in errors["strategy"], errors
         assert f"CFG(scale={3.0 + rank})" in errors["strategy"]
         assert "got one already wrapped" in errors["twice"], errors
+        if rank == 1:  # its own forward failed: its own error
+            assert errors["failure"].startswith("NonFiniteError: model output"), errors
+        else:  # the others stop too, naming it, instead of waiting in the gather
+            assert "failure on rank(s) [1]" in errors["failure"] and f"rank {rank} stops too" in errors["failure"]

@@ -4,7 +4,8 @@
 engine hands it, every rank evaluates its share of the ``branches x batch`` rows through the inner backend
 (:mod:`guidekit.distributed.placement`) and one ``all_gather`` gives every rank all the predictions, so the
 strategy, the state and the sampler run identically on every rank. The first forward checks, in one small
-collective, that all ranks run the same thing (strategy, plan, shapes, noise, conditions).
+collective, that all ranks run the same thing (strategy, plan, shapes, noise, conditions). A rank whose
+forward raises still joins the gather (with a status flag), so every rank stops instead of waiting.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from ..branch import Branch, Perturbation
 from ..engine import Backend
-from ..errors import ConfigError
+from ..errors import ConfigError, GuidekitError
 from ..ops.spaces import PredictionSpace
 from .placement import Call, calls, row_range
 
@@ -61,6 +62,7 @@ class DistributedBackend(Backend):
         self.rows = 0
         self.gathered_bytes = 0
         self._checked = False
+        self._row: tuple[tuple[int, ...], torch.dtype] | None = None  # a prediction row's shape and dtype
         self._slices: dict[tuple[int, int, int], tuple[Mapping[str, Any], Mapping[str, Any]]] = {}
 
     # -- the Backend protocol, delegated -------------------------------------------------------------
@@ -87,8 +89,13 @@ class DistributedBackend(Backend):
             self.rows += len(branches) * x.shape[0]
             return out
         b, k = x.shape[0], len(branches)
-        local = self._local(x, sigma, branches, conditions)
-        return self._gather(local, branches, b, k)
+        try:
+            local, failure = self._local(x, sigma, branches, conditions), None
+            self._row = (tuple(local.shape[1:]), local.dtype)
+        except Exception as exc:  # still join the gather, so the other ranks stop instead of waiting forever
+            shape, dtype = self._row or (tuple(x.shape[1:]), x.dtype)
+            local, failure = x.new_zeros(-(-k * b // self.world), *shape, dtype=dtype), exc
+        return self._gather(local, failure, branches, b, k)
 
     # -- this rank's rows and the gather ------------------------------------------------------------
     def _local(self, x: Tensor, sigma: Tensor, branches: Sequence[Branch], conditions: Mapping[str, Any]) -> Tensor:
@@ -111,12 +118,27 @@ class DistributedBackend(Backend):
             local = torch.cat([local, local.new_zeros(share - local.shape[0], *local.shape[1:])])
         return local.contiguous()
 
-    def _gather(self, local: Tensor, branches: Sequence[Branch], b: int, k: int) -> dict[str, Tensor]:
-        received = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(received, local, group=self.group)
-        self.gathered_bytes += local.numel() * local.element_size() * (self.world - 1)
+    def _gather(
+        self, local: Tensor, failure: Exception | None, branches: Sequence[Branch], b: int, k: int
+    ) -> dict[str, Tensor]:
+        """One all-gather of every rank's rows plus a status element (1: this rank's forward failed)."""
+        packed = torch.cat([local.reshape(-1), local.new_full((1,), float(failure is not None))])
+        received = [torch.empty_like(packed) for _ in range(self.world)]
+        dist.all_gather(received, packed, group=self.group)
+        self.gathered_bytes += packed.numel() * packed.element_size() * (self.world - 1)
+        failed = [r for r, part in enumerate(received) if part[-1].item() != 0]
+        if failure is not None:
+            raise failure
+        if failed:
+            raise GuidekitError(
+                f"distributed: expected every rank's forward to succeed, got a failure on rank(s) {failed} (its "
+                f"own error says why); rank {self.rank} stops too instead of waiting for it"
+            )
         shares = (row_range(r, self.world, k * b) for r in range(self.world))
-        every = torch.cat([part[: stop - start] for part, (start, stop) in zip(received, shares, strict=True)])
+        rows = [
+            part[:-1].view(local.shape)[: stop - start] for part, (start, stop) in zip(received, shares, strict=True)
+        ]
+        every = torch.cat(rows)
         return {br.name: every[i * b : (i + 1) * b] for i, br in enumerate(branches)}
 
     def _sliced(self, conditions: Mapping[str, Any], lo: int, hi: int, batch: int) -> Mapping[str, Any]:
