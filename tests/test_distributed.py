@@ -60,6 +60,9 @@ def test_placement_per_plan() -> None:
     assert calls(1, 2, 3, 2) == (Call((1,), 1, 2), Call((2,), 0, 2))
     assert [calls(r, 2, 1, 4) for r in range(2)] == [(Call((0,), 0, 2),), (Call((0,), 2, 4),)]  # batch split
     assert calls(0, 1, 2, 3) == (Call((0, 1), 0, 3),)  # one rank: the single-process batched call
+    # two groups (AutoGuidance: main and weak model) side by side, not one after the other
+    assert [calls(r, 2, 2, 2, group_of=[0, 1]) for r in range(2)] == [(Call((0,), 0, 2),), (Call((1,), 0, 2),)]
+    assert calls(0, 1, 3, 2, group_of=[0, 0, 1]) == (Call((0, 1), 0, 2), Call((2,), 0, 2))  # one call per group
 
 
 def test_slice_cond_slices_per_sample_leaves_only() -> None:

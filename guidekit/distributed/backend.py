@@ -1,8 +1,9 @@
-"""Branch-parallel guidance: a backend that spreads each forward's rows over ``torch.distributed`` ranks.
+"""Branch-parallel guidance: a backend that spreads each evaluation's rows over ``torch.distributed`` ranks.
 
-:class:`DistributedBackend` wraps any :class:`~guidekit.engine.Backend`. For each group of branches the
-engine hands it, every rank evaluates its share of the ``branches x batch`` rows through the inner backend
-(:mod:`guidekit.distributed.placement`) and one ``all_gather`` gives every rank all the predictions, so the
+:class:`DistributedBackend` wraps any :class:`~guidekit.engine.Backend`. For each evaluation's plan (all
+its forward groups, :meth:`~guidekit.engine.Backend.forward_plan`), every rank evaluates its share of the
+``branches x batch`` rows through the inner backend (:mod:`guidekit.distributed.placement`) and one
+``all_gather`` gives every rank all the predictions, so the
 strategy, the state and the sampler run identically on every rank. The first forward checks, in one small
 collective, that all ranks run the same thing (strategy, plan, shapes, noise, conditions). A rank whose
 forward raises still joins the gather (with a status flag), so every rank stops instead of waiting.
@@ -81,30 +82,40 @@ class DistributedBackend(Backend):
     def forward(
         self, x: Tensor, sigma: Tensor, branches: Sequence[Branch], conditions: Mapping[str, Any]
     ) -> dict[str, Tensor]:
+        return self.forward_plan(x, sigma, [branches], conditions)
+
+    def forward_plan(
+        self, x: Tensor, sigma: Tensor, groups: Sequence[Sequence[Branch]], conditions: Mapping[str, Any]
+    ) -> dict[str, Tensor]:
+        """The whole plan's rows (every group's) spread over the ranks, then one all-gather."""
+        flat = [branch for group in groups for branch in group]
         if not self._checked:
-            self._check_agreement(x, sigma, branches, conditions)
+            self._check_agreement(x, sigma, groups, conditions)
             self._checked = True
         if self.world == 1:
-            out = self.inner.forward(x, sigma, branches, conditions)
-            self.rows += len(branches) * x.shape[0]
-            return out
-        b, k = x.shape[0], len(branches)
+            self.rows += len(flat) * x.shape[0]
+            return self.inner.forward_plan(x, sigma, groups, conditions)
+        b, k = x.shape[0], len(flat)
         try:
-            local, failure = self._local(x, sigma, branches, conditions), None
+            local, failure = self._local(x, sigma, groups, conditions), None
             self._row = (tuple(local.shape[1:]), local.dtype)
         except Exception as exc:  # still join the gather, so the other ranks stop instead of waiting forever
             shape, dtype = self._row or (tuple(x.shape[1:]), x.dtype)
             local, failure = x.new_zeros(-(-k * b // self.world), *shape, dtype=dtype), exc
-        return self._gather(local, failure, branches, b, k)
+        return self._gather(local, failure, flat, b, k)
 
     # -- this rank's rows and the gather ------------------------------------------------------------
-    def _local(self, x: Tensor, sigma: Tensor, branches: Sequence[Branch], conditions: Mapping[str, Any]) -> Tensor:
+    def _local(
+        self, x: Tensor, sigma: Tensor, groups: Sequence[Sequence[Branch]], conditions: Mapping[str, Any]
+    ) -> Tensor:
         """This rank's rows in row order, padded to the largest share (an idle rank evaluates a dummy row)."""
-        b, k = x.shape[0], len(branches)
-        mine = calls(self.rank, self.world, k, b) or (Call((0,), 0, 1),)  # idle: one dummy row
+        flat = [branch for group in groups for branch in group]
+        group_of = [g for g, group in enumerate(groups) for _ in group]
+        b, k = x.shape[0], len(flat)
+        mine = calls(self.rank, self.world, k, b, group_of) or (Call((0,), 0, 1),)  # idle: one dummy row
         parts: list[Tensor] = []
         for call in mine:
-            sub = [branches[i] for i in call.branches]
+            sub = [flat[i] for i in call.branches]
             conds = self._sliced(conditions, call.lo, call.hi, b)
             out = self.inner.forward(x[call.lo : call.hi], sigma[call.lo : call.hi], sub, conds)
             parts.extend(out[br.name] for br in sub)
@@ -154,14 +165,14 @@ class DistributedBackend(Backend):
 
     # -- the agreement check ------------------------------------------------------------------------
     def _check_agreement(
-        self, x: Tensor, sigma: Tensor, branches: Sequence[Branch], conditions: Mapping[str, Any]
+        self, x: Tensor, sigma: Tensor, groups: Sequence[Sequence[Branch]], conditions: Mapping[str, Any]
     ) -> None:
         """One all-gather of a few 64-bit digests; every rank raises, naming the fields that differ."""
         inner = self.inner
         mine = {
             "strategy": self.strategy,
             "backend": f"{type(inner).__name__}{[(m, inner.prediction(m)) for m in sorted(inner.models())]}",
-            "plan": repr(tuple(branches)),
+            "plan": repr([tuple(group) for group in groups]),
             "shape": f"{tuple(x.shape)} {x.dtype}",
             "x": _digest_tensor(x),
             "sigma": _digest_tensor(sigma),

@@ -48,6 +48,17 @@ class Backend(ABC):
         Returns ``{branch.name: prediction}`` in ``prediction(model)`` space, each ``(b, c, *spatial)``.
         """
 
+    def forward_plan(
+        self, x: Tensor, sigma: Tensor, groups: Sequence[Sequence[Branch]], conditions: Mapping[str, Any]
+    ) -> dict[str, Tensor]:
+        """All of one evaluation's groups: :meth:`forward` once per group, in order. A backend that runs the
+        groups side by side (:class:`guidekit.distributed.DistributedBackend`: on different ranks) overrides it.
+        """
+        preds: dict[str, Tensor] = {}
+        for branches in groups:
+            preds.update(self.forward(x, sigma, branches, conditions))
+        return preds
+
     def supports(self, perturbation: Perturbation | None) -> bool:
         """Whether this backend can apply ``perturbation`` (``None`` is the plain forward)."""
         return perturbation is None or perturbation.kind in self.perturbations

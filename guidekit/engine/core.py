@@ -284,11 +284,9 @@ class Engine:
         """The plan's forwards through the backend: one batched call per ``(model, perturbation)`` group."""
         if pending.x is None:
             raise ConfigError("x: expected the noisy sample to run the backend, got None")
-        preds: dict[str, Tensor] = {}
-        for branches in groups(pending.plan).values():
-            out = self.backend.forward(pending.x, pending.sigma, branches, self.conditions)
-            self.forwards += 1
-            preds.update(out)
+        grouped = list(groups(pending.plan).values())
+        preds = self.backend.forward_plan(pending.x, pending.sigma, grouped, self.conditions)
+        self.forwards += len(grouped)
         return preds
 
     def complete(self, pending: Pending, native: Mapping[str, Tensor]) -> Evaluation:
