@@ -108,24 +108,32 @@ def guider_denoiser(strategy: gk.GuidanceStrategy, adapter: VPModel, scheduler: 
     return denoise
 
 
-def guider_cases() -> list[Any]:
-    cases = []
+def cases(reason: Any) -> list[Any]:
+    """Every registered strategy, skipped (with the reason) where ``reason(strategy)`` names one."""
+    out = []
     for name in registered():
-        s = example_strategy(name)
-        reason = (
-            "evaluates a weak model, which a modular pipeline does not run"
-            if "weak" in s.models()
-            else "sampler-coupled: re-noises inside the sampler update, which a guider cannot do"
-            if s.sampler_coupled
-            else None
-        )
-        cases.append(pytest.param(name, marks=pytest.mark.skip(reason=reason)) if reason else name)
-    return cases
+        why = reason(example_strategy(name))
+        out.append(pytest.param(name, marks=pytest.mark.skip(reason=why)) if why else name)
+    return out
+
+
+def guider_limits(s: gk.GuidanceStrategy) -> str | None:
+    if "weak" in s.models():
+        return "evaluates a weak model, which a modular pipeline does not run"
+    if s.sampler_coupled:
+        return "sampler-coupled: re-noises inside the sampler update, which a guider cannot do"
+    return None
+
+
+def pipeline_guider_limits(s: gk.GuidanceStrategy) -> str | None:
+    if s.space not in ("any", "native"):
+        return "works in x0 space: a guider never sees x_t to convert eps predictions"
+    return guider_limits(s)
 
 
 @pytest.mark.diffusers
 @pytest.mark.parametrize("sampler", [sample_euler, sample_heun], ids=["euler", "heun"])
-@pytest.mark.parametrize("name", guider_cases())
+@pytest.mark.parametrize("name", cases(guider_limits))
 def test_native_loop_and_modular_guider_agree_bit_for_bit(name, sampler):
     from diffusers import EulerDiscreteScheduler
 
@@ -143,23 +151,6 @@ def test_native_loop_and_modular_guider_agree_bit_for_bit(name, sampler):
 
 
 # -- one rule, every front-end: a pipeline through the engine vs the same pipeline driven by the guider -------
-def pipeline_cases() -> list[Any]:
-    cases = []
-    for name in registered():
-        s = example_strategy(name)
-        reason = (
-            "evaluates a weak model, which a pipeline does not have"
-            if "weak" in s.models()
-            else "sampler-coupled: needs a guidekit sampler"
-            if s.sampler_coupled
-            else "works in x0 space: a guider never sees x_t to convert eps predictions"
-            if s.space not in ("any", "native")
-            else None
-        )
-        cases.append(pytest.param(name, marks=pytest.mark.skip(reason=reason)) if reason else name)
-    return cases
-
-
 @pytest.fixture(scope="module")
 def sd() -> Any:
     pytest.importorskip("diffusers")
@@ -171,7 +162,7 @@ def sd() -> Any:
 
 
 @pytest.mark.diffusers
-@pytest.mark.parametrize("name", pipeline_cases())
+@pytest.mark.parametrize("name", cases(pipeline_guider_limits))
 def test_pipeline_through_the_engine_equals_the_pipeline_driven_by_the_guider(sd, name):
     from guidekit.integrations.diffusers import GuidekitGuider, generate
 
