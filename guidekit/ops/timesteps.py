@@ -80,7 +80,8 @@ def timestep_from_log_sigmas(sigma: Tensor, grid: Tensor, *, rtol: float = 1e-4)
     grid = grid.to(sigma.device)
     s = torch.as_tensor(sigma, dtype=torch.float64, device=grid.device)
     lo_s, hi_s = grid[0].exp(), grid[-1].exp()
-    if not bool(((s >= lo_s * (1 - rtol)) & (s <= hi_s * (1 + rtol))).all()):
+    s_lo, s_hi = torch.aminmax(s) if s.numel() else (lo_s, hi_s)
+    if not (s_lo.item() >= lo_s.item() * (1 - rtol) and s_hi.item() <= hi_s.item() * (1 + rtol)):
         raise ConfigError(
             f"sigma: expected values in the model's range [{float(lo_s):.6g}, {float(hi_s):.6g}] "
             f"(alphas_cumprod), got values in [{float(s.min()):.6g}, {float(s.max()):.6g}]"
