@@ -23,7 +23,6 @@ Per-sample ``sigma`` tensors have shape ``(b,)`` and broadcast over ``(b, c, *sp
 from __future__ import annotations
 
 import math
-
 from typing import Literal
 
 import torch
@@ -115,7 +114,7 @@ def _regular(s: Tensor) -> bool:
     if s.numel() == 0:
         return True
     lo, hi = torch.aminmax(s)
-    return 0.0 < lo.item() and hi.item() < math.inf
+    return lo.item() > 0.0 and hi.item() < math.inf
 
 
 def vp_x(x: Tensor, sigma: Tensor) -> Tensor:
