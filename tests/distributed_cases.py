@@ -19,6 +19,7 @@ from torch import Tensor
 
 import guidekit as gk
 from guidekit import distributed
+from guidekit.engine import Backend
 from guidekit.guided import GuidedDenoiser, default_schedule
 from guidekit.oracle import UNCOND, GaussianMixture
 from guidekit.samplers import adapt
@@ -141,6 +142,32 @@ def run_case(
     return adapter.final_x(x), stats
 
 
+class ExtraRow(Backend):
+    """A backend that ignores the batch it is handed (returns one row too many), as a pipeline's own call does."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+
+    def models(self) -> frozenset[str]:
+        return self.inner.models()
+
+    def prediction(self, model: str) -> Any:
+        return self.inner.prediction(model)
+
+    def forward(self, x: Tensor, sigma: Tensor, branches: Any, conditions: Any) -> dict[str, Tensor]:
+        out = self.inner.forward(x, sigma, branches, conditions)
+        return {name: torch.cat([pred, pred[:1]]) for name, pred in out.items()}
+
+
+def run_extra_row() -> None:
+    den = gk.guided(adapt(dc_model(), "edm"), gk.CFG(3.0), torch.arange(3), torch.full((3,), UNCOND))
+    den.engine.backend = ExtraRow(den.engine.backend)
+    distributed.wrap(den)
+    g = torch.Generator().manual_seed(0)  # the same noise on every rank (else the agreement check refuses)
+    x = torch.randn(3, *SHAPES["image"].oracle.event_shape, dtype=torch.float64, generator=g) * 80
+    gk.samplers.get("euler")(den, x, default_schedule(den.model, 2))
+
+
 def main(out: str) -> None:
     torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank()
@@ -153,6 +180,10 @@ def main(out: str) -> None:
             run_case("cfg/euler/image/batched", parallel=True, **kwargs)
         except gk.GuidekitError as exc:
             results["errors"][what] = f"{type(exc).__name__}: {exc}"
+    try:
+        run_extra_row()
+    except gk.GuidekitError as exc:
+        results["errors"]["extra-row"] = f"{type(exc).__name__}: {exc}"
     den = gk.guided(adapt(dc_model(), "edm"), gk.CFG(3.0), torch.zeros(1), torch.zeros(1))
     try:
         distributed.wrap(distributed.wrap(den))

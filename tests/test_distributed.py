@@ -142,6 +142,7 @@ def test_ranks_that_disagree_or_fail_are_told_what_differs(launch: tuple[int, li
         assert "strategy on ranks" in errors["strategy"] and f"rank {rank} of {world}" in errors["strategy"], errors
         assert f"CFG(scale={3.0 + rank})" in errors["strategy"]
         assert "got one already wrapped" in errors["twice"], errors
+        assert "ShapeError: inner: expected ExtraRow to predict the" in errors["extra-row"], errors
         if rank == 1:  # its own forward failed: its own error
             assert errors["failure"].startswith("NonFiniteError: model output"), errors
         else:  # the others stop too, naming it, instead of waiting in the gather

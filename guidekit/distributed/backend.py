@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..branch import Branch, Perturbation
 from ..engine import Backend
-from ..errors import ConfigError, GuidekitError
+from ..errors import ConfigError, GuidekitError, ShapeError
 from ..ops.spaces import PredictionSpace
 from .placement import Call, calls, row_range
 
@@ -118,7 +118,14 @@ class DistributedBackend(Backend):
             sub = [flat[i] for i in call.branches]
             conds = self._sliced(conditions, call.lo, call.hi, b)
             out = self.inner.forward(x[call.lo : call.hi], sigma[call.lo : call.hi], sub, conds)
-            parts.extend(out[br.name] for br in sub)
+            for br in sub:
+                if out[br.name].shape[0] != call.hi - call.lo:
+                    raise ShapeError(
+                        f"inner: expected {type(self.inner).__name__} to predict the {call.hi - call.lo} samples "
+                        f"it is given for branch {br.name!r}, got {out[br.name].shape[0]} (a distributed backend "
+                        "needs an inner backend that evaluates the x it is handed, such as NativeBackend)"
+                    )
+                parts.append(out[br.name])
         local = torch.cat(parts) if len(parts) > 1 else parts[0]
         start, stop = row_range(self.rank, self.world, k * b)
         self.rows += stop - start
