@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -20,10 +20,23 @@ require()
 SAMPLER_PAIRS = [("euler", "euler"), ("heun", "heun"), ("dpmpp_2m", "dpmpp-2m")]
 """ComfyUI's sampler name -> guidekit's."""
 
-NOT_A_GUIDER = {
-    "cfg++": "sampler-coupled (re-noises inside the sampler update)",
-    "autoguidance": "evaluates a weak model, which this guider does not take yet",
-}
+
+def _example(name: str) -> gk.GuidanceStrategy:
+    cls = STRATEGIES.get(name)
+    return cls.contract_example() if hasattr(cls, "contract_example") else cls()
+
+
+def _why_not(name: str) -> str | None:
+    """Why the guider cannot run ``name`` (refused when sampling starts), or ``None``."""
+    strategy = _example(name)
+    if strategy.sampler_coupled:
+        return "sampler-coupled"  # re-noises inside the sampler update (CFG++, DPS)
+    if strategy.models() != frozenset({"main"}):
+        return "weak"  # AutoGuidance's second model
+    return None
+
+
+NOT_A_GUIDER = {name: why for name in STRATEGIES.names() if (why := _why_not(name)) is not None}
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +88,6 @@ def _registered() -> list[str]:
     return [n for n in STRATEGIES.names() if n not in NOT_A_GUIDER]
 
 
-def _example(name: str) -> gk.GuidanceStrategy:
-    cls = STRATEGIES.get(name)
-    return cls.contract_example() if hasattr(cls, "contract_example") else cls()
-
-
 @pytest.mark.parametrize(("comfy_sampler", "_gk"), SAMPLER_PAIRS)
 def test_cfg_equals_comfyui_cfg_guider_exactly(tiny: Tiny, comfy_sampler: str, _gk: str) -> None:
     ours, guider = _comfy(tiny, gk.CFG(3.0), comfy_sampler)
@@ -90,6 +98,7 @@ def test_cfg_equals_comfyui_cfg_guider_exactly(tiny: Tiny, comfy_sampler: str, _
 
 def test_the_plugin_strategy_is_covered() -> None:
     assert "perp-cfg" in _registered()  # the example plugin's entry point, installed by the test command
+    assert {"cfg++", "autoguidance"} <= set(NOT_A_GUIDER)
 
 
 @pytest.mark.parametrize("name", _registered())
@@ -201,8 +210,29 @@ def test_percent_window_node_guides_the_same_steps_in_float32_and_float64(tiny: 
 
 @pytest.mark.parametrize("name", sorted(NOT_A_GUIDER))
 def test_strategies_the_guider_cannot_run_are_refused_by_name(tiny: Tiny, name: str) -> None:
-    with pytest.raises(ConfigError, match="sampler-coupled" if name == "cfg++" else "weak"):
+    with pytest.raises(ConfigError, match=NOT_A_GUIDER[name]):
         _comfy(tiny, _example(name), "euler")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Blurred(gk.Perturbation):
+    kind: ClassVar[str] = "blur"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _WithPerturbation(gk.GuidanceStrategy):
+    """CFG plus a perturbed pass (as PAG/SEG will plan): a branch this guider cannot run."""
+
+    def branches(self, ctx: gk.GuidanceContext, state: Any) -> tuple[gk.Branch, ...]:
+        return (gk.COND, gk.UNCOND, gk.Branch("blurred", perturbation=_Blurred()))
+
+    def combine(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor, ctx: gk.GuidanceContext) -> torch.Tensor:
+        return pred_cond
+
+
+def test_an_unsupported_perturbation_is_refused_by_name(tiny: Tiny) -> None:
+    with pytest.raises(ConfigError, match=r"Guidekit Guider.*'blurred'.*perturbation 'blur'"):
+        _comfy(tiny, _WithPerturbation(), "euler")
 
 
 def test_the_guider_takes_its_scale_from_the_strategy(tiny: Tiny) -> None:

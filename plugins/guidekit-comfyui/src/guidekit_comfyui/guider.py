@@ -38,7 +38,7 @@ from guidekit.strategies.base import GuidanceStrategy
 
 from .strategy import StrategyRef, as_ref
 
-__all__ = ["CORRECTORS", "ComfyBackend", "GuidekitComfyGuider", "StepClock"]
+__all__ = ["CORRECTORS", "ComfyBackend", "ComfyBranches", "GuidekitComfyGuider", "StepClock", "start_run", "to_edm"]
 
 log = logging.getLogger("guidekit_comfyui")
 
@@ -124,13 +124,14 @@ class StepClock:
         return not math.isclose(sigma, nxt, rel_tol=1e-6)
 
 
-class ComfyBackend(Backend):
-    """Runs ComfyUI's model through ``comfy.samplers.calc_cond_batch`` for the guider's current evaluation."""
+class ComfyBranches(Backend):
+    """What ComfyUI can evaluate for guidekit: the positive and negative conditionings of one model, as x0.
 
-    def __init__(self, guider: GuidekitComfyGuider) -> None:
-        self.guider = guider
-        self.calls: list[tuple[str, ...]] = []
-        """The branch names of every ``calc_cond_batch`` call (tests count rows with it)."""
+    The base of both edges: :class:`ComfyBackend` runs them itself; the model patch
+    (:mod:`guidekit_comfyui.patch`) gets them from ComfyUI's own ``sampling_function``.
+    """
+
+    who: str = "the Guidekit nodes"
 
     def models(self) -> frozenset[str]:
         return frozenset({"main"})
@@ -139,11 +140,50 @@ class ComfyBackend(Backend):
         return "x0"
 
     def check_branch(self, branch: Branch) -> None:
-        if branch.model != "main" or branch.condition not in _COMFY_CONDS or branch.perturbation is not None:
+        if branch.model != "main" or branch.condition not in _COMFY_CONDS or not self.supports(branch.perturbation):
+            kind = "none" if branch.perturbation is None else branch.perturbation.kind
             raise ConfigError(
-                f"strategy: the Guidekit Guider runs the positive and negative conditionings of one model, got "
-                f"branch {branch!r} (weak models and perturbations are not supported by this guider yet)"
+                f"strategy: {self.who} run the positive and negative conditionings of one model, got branch "
+                f"{branch.name!r} (model {branch.model!r}, condition {branch.condition!r}, perturbation {kind!r}); "
+                "weak models and perturbations are not supported in ComfyUI yet"
             )
+
+    def forward(
+        self, x: Tensor, sigma: Tensor, branches: Sequence[Branch], conditions: Mapping[str, Any]
+    ) -> dict[str, Tensor]:
+        raise GuidekitError(f"forward: {self.who} get the predictions from ComfyUI's sampling_function")
+
+
+def start_run(ref: StrategyRef, backend: Backend, sampler: Any, sigmas: Tensor) -> tuple[Engine, StepClock]:
+    """The engine and step clock of one ComfyUI sampler run over ``sigmas`` (a fresh state per run)."""
+    strategy = ref.resolve(sigmas)
+    if strategy.sampler_coupled:
+        raise ConfigError(
+            f"strategy: {type(strategy).__name__} re-noises inside the sampler update, which a ComfyUI guider or "
+            "model patch cannot do; expected a strategy that is not sampler-coupled (use ComfyUI's *_cfg_pp samplers)"
+        )
+    engine = Engine(strategy, backend, {}, output="x0")
+    name = sampler_name(sampler)
+    return engine, StepClock(sigmas, CORRECTORS.get(name) if name is not None else None)
+
+
+def to_edm(model_sampling: Any, x: Tensor, timestep: Tensor) -> tuple[Tensor, Tensor]:
+    """ComfyUI's ``(x, sigma)`` -> EDM: the same for eps/v models, ``x / (1 - t)``, ``t / (1 - t)`` for flow."""
+    if isinstance(model_sampling, comfy.model_sampling.CONST):
+        t = timestep.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        return x / (1 - t), timestep / (1 - timestep)
+    return x, timestep
+
+
+class ComfyBackend(ComfyBranches):
+    """Runs ComfyUI's model through ``comfy.samplers.calc_cond_batch`` for the guider's current evaluation."""
+
+    who = "the Guidekit Guider"
+
+    def __init__(self, guider: GuidekitComfyGuider) -> None:
+        self.guider = guider
+        self.calls: list[tuple[str, ...]] = []
+        """The branch names of every ``calc_cond_batch`` call (tests count rows with it)."""
 
     def forward(
         self, x: Tensor, sigma: Tensor, branches: Sequence[Branch], conditions: Mapping[str, Any]
@@ -196,15 +236,8 @@ class GuidekitComfyGuider(comfy.samplers.CFGGuider):
         disable_pbar: bool,
         seed: int | None,
     ) -> Tensor:
-        strategy = self.strategy_ref.resolve(sigmas)
-        if strategy.sampler_coupled:
-            raise ConfigError(
-                f"strategy: {type(strategy).__name__} re-noises inside the sampler update, which a ComfyUI guider "
-                "cannot do; expected a strategy that is not sampler-coupled (use ComfyUI's *_cfg_pp samplers)"
-            )
-        self.engine = Engine(strategy, self.backend, {}, output="x0")
-        name = sampler_name(sampler)
-        self.clock = clock = StepClock(sigmas, CORRECTORS.get(name) if name is not None else None)
+        self.engine, self.clock = start_run(self.strategy_ref, self.backend, sampler, sigmas)
+        clock = self.clock
         self.backend.calls.clear()
         self._warn_hooks()
 
@@ -224,7 +257,7 @@ class GuidekitComfyGuider(comfy.samplers.CFGGuider):
             raise GuidekitError("guider: expected sample() to start a run before a model evaluation, got none")
         model_options = {} if model_options is None else model_options
         position = self.clock.next(float(timestep.reshape(-1)[0]))
-        x_edm, sigma = self._to_edm(x, timestep)
+        x_edm, sigma = to_edm(self.inner_model.model_sampling, x, timestep)
         self._current = (x_edm, x, timestep, model_options)
         try:
             return self.engine.evaluate(x_edm, sigma, position).guided
@@ -236,12 +269,6 @@ class GuidekitComfyGuider(comfy.samplers.CFGGuider):
         if self._current is None or self._current[0] is not x_edm:
             raise GuidekitError("backend: expected the sample of the current evaluation, got another tensor")
         return self._current[1], self._current[2], self._current[3]
-
-    def _to_edm(self, x: Tensor, timestep: Tensor) -> tuple[Tensor, Tensor]:
-        if isinstance(self.inner_model.model_sampling, comfy.model_sampling.CONST):
-            t = timestep.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-            return x / (1 - t), timestep / (1 - timestep)
-        return x, timestep
 
     def _warn_hooks(self) -> None:
         hooks = [

@@ -35,7 +35,14 @@ from guidekit.strategies.interval import Interval
 
 from .strategy import NodeInputError, StrategyRef, as_ref
 
-__all__ = ["STRATEGY_TYPE", "GuidekitGuiderNode", "IntervalPercentNode", "node_mappings", "strategy_node"]
+__all__ = [
+    "STRATEGY_TYPE",
+    "GuidekitGuiderNode",
+    "GuidekitModelPatchNode",
+    "IntervalPercentNode",
+    "node_mappings",
+    "strategy_node",
+]
 
 STRATEGY_TYPE = "GUIDEKIT_STRATEGY"
 """The ComfyUI wire type of a guidekit strategy (namespaced: other packs' ``STRATEGY`` types do not connect)."""
@@ -340,10 +347,41 @@ class GuidekitGuiderNode:
         return (guider,)
 
 
+class GuidekitModelPatchNode:
+    """Installs a guidekit strategy on a MODEL for plain KSampler users (ComfyUI's own sampling function)."""
+
+    DISPLAY: ClassVar[str] = "Guidekit Model Patch"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "For KSampler: runs only the conditionings the strategy's plan needs (chaining another node's "
+        "calc-cond-batch function), combines with guidekit in the cfg-function slot (refused if another node "
+        "holds it), keeps other nodes' pre- and post-cfg functions; the KSampler's cfg is not used."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, dict[str, tuple[Any, ...]]]:
+        return {"required": {"model": ("MODEL",), "strategy": (STRATEGY_TYPE,)}}
+
+    def patch(self, model: Any, strategy: Any) -> tuple[Any]:
+        from .patch import GuidekitModelPatch  # imports ComfyUI
+
+        try:
+            return (GuidekitModelPatch(as_ref(strategy, self.DISPLAY, "strategy")).apply(model),)
+        except ConfigError as exc:
+            raise NodeInputError(self.DISPLAY, str(exc)) from None
+
+
 def node_mappings() -> tuple[dict[str, type], dict[str, str]]:
     """``(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)`` from the registry as it is now."""
-    classes: dict[str, type] = {"GuidekitGuider": GuidekitGuiderNode, "GuidekitIntervalPercent": IntervalPercentNode}
-    names = {"GuidekitGuider": GuidekitGuiderNode.DISPLAY, "GuidekitIntervalPercent": IntervalPercentNode.DISPLAY}
+    fixed: dict[str, Any] = {
+        "GuidekitGuider": GuidekitGuiderNode,
+        "GuidekitModelPatch": GuidekitModelPatchNode,
+        "GuidekitIntervalPercent": IntervalPercentNode,
+    }
+    classes: dict[str, type] = dict(fixed)
+    names = {key: node.DISPLAY for key, node in fixed.items()}
     for name in STRATEGIES.names():
         cls = STRATEGIES.get(name)
         if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
