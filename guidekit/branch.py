@@ -59,26 +59,32 @@ class Branch:
             name of an extra one).
         model: ``"main"`` or ``"weak"`` (AutoGuidance's guiding model), or another model the caller gives.
         perturbation: ``None`` (the plain forward) or a :class:`Perturbation`.
+        grad: evaluate with the autograd graph back to the noisy sample: the strategy may differentiate
+            the prediction with respect to ``ctx.x`` (loss guidance: DPS, DSG). Costs the forward's
+            activations in memory; other branches run without a graph.
     """
 
     name: str
     condition: str = "cond"
     model: str = "main"
     perturbation: Perturbation | None = None
+    grad: bool = False
 
     def __post_init__(self) -> None:
         for field in ("name", "condition", "model"):
             value = getattr(self, field)
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"{field}: expected a non-empty string, got {value!r}")
+        if not isinstance(self.grad, bool):
+            raise ConfigError(f"grad: expected True or False, got {self.grad!r}")
         if self.perturbation is not None and not isinstance(self.perturbation, Perturbation):
             raise ConfigError(f"perturbation: expected None or a Perturbation, got {type(self.perturbation).__name__}")
 
     @property
-    def group(self) -> tuple[str, Perturbation | None]:
-        """Branches with the same ``(model, perturbation)`` run in one batched forward."""
+    def group(self) -> tuple[str, Perturbation | None, bool]:
+        """Branches with the same ``(model, perturbation, grad)`` run in one batched forward."""
         perturbation = None if isinstance(self.perturbation, NoPerturbation) else self.perturbation
-        return self.model, perturbation
+        return self.model, perturbation, self.grad
 
 
 Plan = tuple[Branch, ...]

@@ -22,6 +22,8 @@ guider (:mod:`guidekit.integrations.diffusers`). None of them keeps its own copy
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -253,6 +255,15 @@ class Engine:
             for branch in plan:
                 self.backend.check_branch(branch)
             self._checked.add(plan)
+        if x is not None and any(b.grad for b in plan):  # loss guidance: predictions with a graph to x
+            x = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                ctx = ctx.replace(x=x_for_space(x, sigma, self.space))
+        elif x is None and any(b.grad for b in plan):
+            raise ConfigError(
+                f"strategy: {type(self.strategy).__name__} differentiates through the model, which needs the "
+                "noisy sample; this backend never shows it (use guidekit.sample or generate)"
+            )
         return Pending(ctx, plan, state, x, sigma)
 
     def _context(
@@ -285,8 +296,17 @@ class Engine:
         if pending.x is None:
             raise ConfigError("x: expected the noisy sample to run the backend, got None")
         grouped = list(groups(pending.plan).values())
-        preds = self.backend.forward_plan(pending.x, pending.sigma, grouped, self.conditions)
         self.forwards += len(grouped)
+        if not pending.x.requires_grad:
+            return self.backend.forward_plan(pending.x, pending.sigma, grouped, self.conditions)
+        with torch.enable_grad():  # branches with grad=True keep their graph back to x
+            preds = self.backend.forward_plan(
+                pending.x, pending.sigma, [g for g in grouped if g[0].grad], self.conditions
+            )
+        plain = [g for g in grouped if not g[0].grad]
+        if plain:
+            with torch.no_grad():
+                preds.update(self.backend.forward_plan(pending.x.detach(), pending.sigma, plain, self.conditions))
         return preds
 
     def complete(self, pending: Pending, native: Mapping[str, Tensor]) -> Evaluation:
@@ -298,14 +318,20 @@ class Engine:
         like = next(iter(native.values())) if native else x
         if self._state is _UNSET and like is not None:
             state = self._state = self.strategy.init_state(like)
-        preds = {b.name: self._to_space(native[b.name], b, x, sigma) for b in plan}
-        if x is None and preds and ctx.sigma.dtype != compute_dtype(like):  # type: ignore[arg-type]
-            ctx = ctx.replace(sigma=ctx.sigma.to(compute_dtype(like)))  # type: ignore[arg-type]
-        guided, new_state = self.strategy.step_branches(preds, ctx, state)
+        graph = x is not None and x.requires_grad
+        with torch.enable_grad() if graph else contextlib.nullcontext():
+            preds = {b.name: self._to_space(native[b.name], b, x, sigma) for b in plan}
+            if x is None and preds and ctx.sigma.dtype != compute_dtype(like):  # type: ignore[arg-type]
+                ctx = ctx.replace(sigma=ctx.sigma.to(compute_dtype(like)))  # type: ignore[arg-type]
+            guided, new_state = self.strategy.step_branches(preds, ctx, state)
+            renoise = self.strategy.renoise_prediction(preds, ctx, state) if self._coupled else None
+        if graph:  # nothing that leaves the evaluation keeps the graph
+            x, guided, new_state = x.detach(), guided.detach(), detach_tree(new_state)
+            renoise = None if renoise is None else renoise.detach()
+            preds = {k: v.detach() for k, v in preds.items()}
         if ctx.substep == 0:
             self._state = new_state
         self._record(pending, preds)
-        renoise = self.strategy.renoise_prediction(preds, ctx) if self._coupled else None
         return Evaluation(
             self._from_space(guided, x, ctx.sigma),
             None if renoise is None or x is None else convert(renoise, self.space, "eps", x, ctx.sigma),
@@ -403,12 +429,29 @@ def _check_coupling(strategy: GuidanceStrategy) -> None:
         _check_coupling(child)
 
 
-def groups(plan: Plan) -> dict[tuple[str, Perturbation | None], list[Branch]]:
-    """The plan's branches grouped by ``(model, perturbation)``, in order of first appearance."""
-    out: dict[tuple[str, Perturbation | None], list[Branch]] = {}
+def groups(plan: Plan) -> dict[tuple[str, Perturbation | None, bool], list[Branch]]:
+    """The plan's branches grouped by ``(model, perturbation, grad)``, in order of first appearance."""
+    out: dict[tuple[str, Perturbation | None, bool], list[Branch]] = {}
     for branch in plan:
         out.setdefault(branch.group, []).append(branch)
     return out
+
+
+def detach_tree(obj: Any) -> Any:
+    """``obj`` with every tensor detached: tensors, tuples (named too), lists, dicts and dataclasses."""
+    if isinstance(obj, Tensor):
+        return obj.detach()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = {f.name: detach_tree(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+        return dataclasses.replace(obj, **fields)
+    if isinstance(obj, tuple):
+        items = [detach_tree(v) for v in obj]
+        return obj._make(items) if hasattr(obj, "_make") else tuple(items)
+    if isinstance(obj, list):
+        return [detach_tree(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: detach_tree(v) for k, v in obj.items()}
+    return obj
 
 
 def _placeholder(sigma: Tensor) -> Tensor:

@@ -110,9 +110,10 @@ class GuidanceStrategy(Component, ABC):
         cond = preds["cond"]
         return self.combine_step(cond, preds.get("uncond", cond), ctx, state)
 
-    def renoise_prediction(self, preds: Predictions, ctx: GuidanceContext) -> Tensor | None:
+    def renoise_prediction(self, preds: Predictions, ctx: GuidanceContext, state: Any = None) -> Tensor | None:
         """The step hook of sampler-coupled strategies: the prediction whose noise the sampler steps along
-        (CFG++: the unconditional one), or ``None`` to step along the guided prediction's own noise."""
+        (CFG++: the unconditional one; DPS: the x0 before its loss correction), or ``None`` to step along
+        the guided prediction's own noise. ``state`` is the state the evaluation's combine was handed."""
         return None
 
     # -- checked entry points -----------------------------------------------------------------------
@@ -209,8 +210,8 @@ class Combinator(GuidanceStrategy):
     @abstractmethod
     def combine_branches(self, preds: Predictions, ctx: GuidanceContext, state: Any) -> tuple[Tensor, Any]: ...
 
-    def renoise_prediction(self, preds: Predictions, ctx: GuidanceContext) -> Tensor | None:
-        return self.inner.renoise_prediction(preds, ctx)
+    def renoise_prediction(self, preds: Predictions, ctx: GuidanceContext, state: Any = None) -> Tensor | None:
+        return self.inner.renoise_prediction(preds, ctx, state)
 
 
 def nested_strategies(strategy: object) -> list[GuidanceStrategy]:

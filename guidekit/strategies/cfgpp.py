@@ -73,7 +73,7 @@ class CFGPlusPlus(GuidanceStrategy):
             return preds["uncond"], state
         return self.combine(preds["cond"], preds["uncond"], ctx), state
 
-    def renoise_prediction(self, preds: Predictions, ctx: GuidanceContext) -> Tensor:
+    def renoise_prediction(self, preds: Predictions, ctx: GuidanceContext, state: Any = None) -> Tensor:
         """The prediction whose noise the sampler steps along: the unconditional one (the step hook)."""
         return preds["uncond"]
 

@@ -165,10 +165,10 @@ class Interval(Combinator):
         cond = preds["cond"]
         return torch.where(self._mask(inside, cond), guided, cond), _merge_state(inside, new_state, state)
 
-    def renoise_prediction(self, preds: Predictions, ctx: GuidanceContext) -> Tensor | None:
+    def renoise_prediction(self, preds: Predictions, ctx: GuidanceContext, state: Any = None) -> Tensor | None:
         """Inside: the inner strategy's re-noise direction (CFG++'s ``u``); outside: ``pred_cond``'s own."""
         inside = self.inside(ctx)
-        direction = self.inner.renoise_prediction(preds, ctx) if bool(inside.any()) else None
+        direction = self.inner.renoise_prediction(preds, ctx, state) if bool(inside.any()) else None
         if direction is None or bool(inside.all()):
             return direction
         cond = preds["cond"]
