@@ -7,7 +7,7 @@ CFG(scale=7.5)
 
 from __future__ import annotations
 
-from . import energy, engine, ops, strategies
+from . import energy, engine, losses, ops, strategies
 from .branch import COND, UNCOND, Branch, NoPerturbation, Perturbation
 from .config import ComponentSpec, build, load_spec, to_spec
 from .context import GuidanceContext
@@ -26,6 +26,7 @@ from .strategies import (
     ADG,
     APG,
     CFG,
+    DPS,
     FDG,
     SAMG,
     TCFG,
@@ -51,6 +52,7 @@ __all__ = [
     "APG",
     "CFG",
     "COND",
+    "DPS",
     "FDG",
     "REGISTRIES",
     "SAMG",
@@ -88,6 +90,7 @@ __all__ = [
     "engine",
     "guided",
     "load_spec",
+    "losses",
     "ops",
     "sample",
     "strategies",

@@ -14,6 +14,7 @@ from .base import Combinator, GuidanceStrategy
 from .cfg import CFG
 from .cfg_zero_star import CFGZeroStar
 from .cfgpp import CFGPlusPlus
+from .dps import DPS
 from .dynamic_cfg import DynamicCFG
 from .fdg import FDG
 from .interval import Interval
@@ -28,6 +29,7 @@ __all__ = [
     "ADG",
     "APG",
     "CFG",
+    "DPS",
     "FDG",
     "SAMG",
     "TCFG",
