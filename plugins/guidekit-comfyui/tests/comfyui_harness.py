@@ -155,6 +155,43 @@ def tiny_model(seed: int = 0) -> Tiny:
     return Tiny(patcher, [[cond, {}]], [[uncond, {}]], cond, uncond)
 
 
+WAN = {
+    "image_model": "wan2.1",
+    "model_type": "t2v",
+    "dim": 32,
+    "ffn_dim": 64,
+    "freq_dim": 32,
+    "text_dim": 16,
+    "in_dim": 16,
+    "out_dim": 16,
+    "num_heads": 2,
+    "num_layers": 2,
+    "text_len": 8,
+}
+"""A Wan 2.1 text-to-video DiT made very small: 5D latents ``(b, c, t, h, w)``, a flow model (``CONST``)."""
+
+
+@cache
+def tiny_video(seed: int = 0) -> Tiny:
+    """``WAN21_T2V`` config -> ``WAN21`` -> ``ModelPatcher``, weights initialised with ``seed``."""
+    import_comfy()
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.WAN21_T2V(dict(WAN))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.diffusion_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / p[0].numel() ** 0.5 if p.ndim > 1 else 0.02))
+    model.requires_grad_(False)
+    patcher = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    cond = torch.randn(1, 8, 16, generator=gen)
+    uncond = torch.randn(1, 8, 16, generator=gen) * 0.3
+    return Tiny(patcher, [[cond, {}]], [[uncond, {}]], cond, uncond)
+
+
 def schedule(steps: int = 4) -> torch.Tensor:
     """A float32 Karras-like schedule below the model's sigma_max (so ComfyUI's noise scaling is ``sigma·n``)."""
     from guidekit.ops.timesteps import karras_sigmas

@@ -38,7 +38,16 @@ from guidekit.strategies.base import GuidanceStrategy
 
 from .strategy import StrategyRef, as_ref
 
-__all__ = ["CORRECTORS", "ComfyBackend", "ComfyBranches", "GuidekitComfyGuider", "StepClock", "start_run", "to_edm"]
+__all__ = [
+    "CORRECTORS",
+    "ComfyBackend",
+    "ComfyBranches",
+    "GuidekitComfyGuider",
+    "StepClock",
+    "edm_sigmas",
+    "start_run",
+    "to_edm",
+]
 
 log = logging.getLogger("guidekit_comfyui")
 
@@ -154,8 +163,15 @@ class ComfyBranches(Backend):
         raise GuidekitError(f"forward: {self.who} get the predictions from ComfyUI's sampling_function")
 
 
-def start_run(ref: StrategyRef, backend: Backend, sampler: Any, sigmas: Tensor) -> tuple[Engine, StepClock]:
-    """The engine and step clock of one ComfyUI sampler run over ``sigmas`` (a fresh state per run)."""
+def start_run(
+    ref: StrategyRef, backend: Backend, sampler: Any, sigmas: Tensor, model_sampling: Any
+) -> tuple[Engine, StepClock]:
+    """The engine and step clock of one ComfyUI sampler run over ``sigmas`` (a fresh state per run).
+
+    The schedule is converted to EDM sigma first (:func:`edm_sigmas`): percent windows resolve on it and the
+    engine's one-decision-per-step value is an EDM sigma, whatever the model's coordinates.
+    """
+    sigmas = edm_sigmas(model_sampling, sigmas)
     strategy = ref.resolve(sigmas)
     if strategy.sampler_coupled:
         raise ConfigError(
@@ -165,6 +181,14 @@ def start_run(ref: StrategyRef, backend: Backend, sampler: Any, sigmas: Tensor) 
     engine = Engine(strategy, backend, {}, output="x0")
     name = sampler_name(sampler)
     return engine, StepClock(sigmas, CORRECTORS.get(name) if name is not None else None)
+
+
+def edm_sigmas(model_sampling: Any, sigmas: Tensor) -> Tensor:
+    """A ComfyUI schedule as EDM sigmas in float64: as is for eps/v models, ``t / (1 - t)`` for flow (t = 1: inf)."""
+    sigmas = sigmas.detach().to(device="cpu", dtype=torch.float64)
+    if isinstance(model_sampling, comfy.model_sampling.CONST):
+        return torch.where(sigmas >= 1, torch.full_like(sigmas, math.inf), sigmas / (1 - sigmas))
+    return sigmas
 
 
 def to_edm(model_sampling: Any, x: Tensor, timestep: Tensor) -> tuple[Tensor, Tensor]:
@@ -236,7 +260,8 @@ class GuidekitComfyGuider(comfy.samplers.CFGGuider):
         disable_pbar: bool,
         seed: int | None,
     ) -> Tensor:
-        self.engine, self.clock = start_run(self.strategy_ref, self.backend, sampler, sigmas)
+        model_sampling = self.inner_model.model_sampling
+        self.engine, self.clock = start_run(self.strategy_ref, self.backend, sampler, sigmas, model_sampling)
         clock = self.clock
         self.backend.calls.clear()
         self._warn_hooks()
@@ -256,8 +281,8 @@ class GuidekitComfyGuider(comfy.samplers.CFGGuider):
         if self.engine is None or self.clock is None:
             raise GuidekitError("guider: expected sample() to start a run before a model evaluation, got none")
         model_options = {} if model_options is None else model_options
-        position = self.clock.next(float(timestep.reshape(-1)[0]))
         x_edm, sigma = to_edm(self.inner_model.model_sampling, x, timestep)
+        position = self.clock.next(float(sigma.reshape(-1)[0]))
         self._current = (x_edm, x, timestep, model_options)
         try:
             return self.engine.evaluate(x_edm, sigma, position).guided

@@ -83,7 +83,8 @@ class GuidekitModelPatch:
 
     # -- the hooks -------------------------------------------------------------------------------------
     def _run(self, executor: Any, guider: Any, sigmas: Tensor, extra_args: Any, callback: Any, *rest: Any) -> Any:
-        self.engine, self.clock = start_run(self.strategy_ref, self.backend, executor.class_obj, sigmas)
+        model_sampling = guider.inner_model.model_sampling
+        self.engine, self.clock = start_run(self.strategy_ref, self.backend, executor.class_obj, sigmas, model_sampling)
         self.calls.clear()
         clock = self.clock
 
@@ -99,7 +100,7 @@ class GuidekitModelPatch:
             raise GuidekitError("model patch: expected a sampler run (KSampler, SamplerCustom) before an evaluation")
         x, timestep, model = args["input"], args["sigma"], args["model"]
         x_edm, sigma = to_edm(model.model_sampling, x, timestep)
-        pending = self.engine.plan(x_edm, sigma, self.clock.next(float(timestep.reshape(-1)[0])))
+        pending = self.engine.plan(x_edm, sigma, self.clock.next(float(sigma.reshape(-1)[0])))
         names = [b.name for b in pending.plan]
         conds = dict(zip(_NAMES, args["conds"], strict=True))
         needed = []
