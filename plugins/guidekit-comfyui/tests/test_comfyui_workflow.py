@@ -1,8 +1,8 @@
-"""The pack's example workflow (API-format JSON) executed through ComfyUI's node functions on the tiny model.
+"""The pack's example workflows (API-format JSON) executed through ComfyUI's node functions on the tiny model.
 
-The checkpoint loader, text encoders and empty latent are stubbed with the tiny model, its two contexts and
-an 8x8 latent (no weights or CLIP here); every other node on the way to ``SamplerCustomAdvanced`` is the
-real one: guidekit's generated nodes and ComfyUI's ``KSamplerSelect``, ``BasicScheduler``, ``RandomNoise``.
+The checkpoint loader and text encoders are stubbed with the tiny model and its two contexts (no weights or
+CLIP here), the empty latent with an 8x8 one; every other node on the way to the sampler is the real one:
+guidekit's generated nodes and ComfyUI's ``KSamplerSelect``, ``BasicScheduler``, ``RandomNoise``, ``KSampler``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from guidekit.samplers import EDMModel
 
 require()
 
-WORKFLOW = Path(__file__).resolve().parents[1] / "docs" / "workflow_interval_apg.json"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+WORKFLOW = DOCS / "workflow_interval_apg.json"
 STEPS = 4  # the example says 20; fewer keep the test fast
 
 
@@ -75,3 +76,35 @@ def test_example_workflow_runs_end_to_end_and_equals_the_native_engine() -> None
     assert err < 2e-5, err
     assert guider.engine.nfe == denoiser.nfe
     assert [r.uncond_used for r in guider.engine.records] == [True, True, True, False]
+
+
+def test_ksampler_workflow_with_the_model_patch_equals_the_guider() -> None:
+    """KSampler at cfg 1 on the patched model: Adaptive Guidance still runs the negative branch until it switches."""
+    import_comfy()
+    import comfy.sample
+    import comfy.samplers
+    import nodes as comfy_nodes
+    from guidekit_comfyui import NODE_CLASS_MAPPINGS
+    from guidekit_comfyui.guider import GuidekitComfyGuider
+
+    workflow = json.loads((DOCS / "workflow_ksampler_patch.json").read_text())
+    workflow["8"]["inputs"]["steps"] = STEPS
+    workflow["7"]["inputs"].update(width=64, height=64)  # an 8x8 latent
+    tiny = tiny_model()
+    stubs: dict[str, tuple[Any, ...]] = {"1": (tiny.patcher, None, None), "2": (tiny.positive,), "3": (tiny.negative,)}
+    classes = {**comfy_nodes.NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS}
+    with one_thread():
+        done = dict(stubs)
+        (out,) = _run(workflow, "8", done, classes)
+        strategy = done["5"][0]
+        latent = done["7"][0]["samples"]
+        model_sampling = tiny.patcher.model.model_sampling
+        sigmas = comfy.samplers.calculate_sigmas(model_sampling, "karras", STEPS)
+        guider = GuidekitComfyGuider(tiny.patcher, strategy)
+        guider.set_conds(tiny.positive, tiny.negative)
+        noise = comfy.sample.prepare_noise(latent, 7)
+        sampler = comfy.samplers.sampler_object("heun")
+        expected = guider.sample(noise, latent, sampler, sigmas, disable_pbar=True, seed=7)
+    err = float((out["samples"] - expected).abs().max()) / float(expected.abs().max())
+    assert err < 2e-5, err
+    assert guider.engine.records[0].uncond_used
