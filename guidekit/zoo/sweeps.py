@@ -79,6 +79,8 @@ def _generic(name: str, cls: type) -> Sweep | str:
     ]
     if required and not (has_scale and required == ["scale"]):
         return f"needs {', '.join(required)}, which the demo cannot choose"
+    if any(f.name == "loss" and f.default is None for f, _ in fields):  # loss guidance (DPS): data, not a knob
+        return "needs a loss on x0 (guidekit.losses: a measurement or a classifier), which the demo cannot choose"
     if has_scale and not inner:
         return Sweep(name, "scale", DEFAULT_STRENGTHS, lambda s: cls(scale=s))
     if inner:
