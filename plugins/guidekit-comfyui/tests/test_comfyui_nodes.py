@@ -130,3 +130,15 @@ def test_custom_nodes_folder_entry_point() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert set(module.NODE_CLASS_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
+
+
+def test_comfyui_is_found_through_the_environment_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import comfyui_harness
+
+    (tmp_path / "comfy").mkdir()
+    (tmp_path / "comfy" / "samplers.py").write_text("")
+    monkeypatch.setenv("COMFYUI_PATH", str(tmp_path))
+    assert comfyui_harness.comfyui_path() == tmp_path
+    monkeypatch.setenv("COMFYUI_PATH", str(tmp_path / "missing"))
+    fallback = comfyui_harness.FALLBACK
+    assert comfyui_harness.comfyui_path() == (fallback if (fallback / "comfy" / "samplers.py").is_file() else None)
