@@ -15,6 +15,7 @@ from .cfg import CFG
 from .cfg_zero_star import CFGZeroStar
 from .cfgpp import CFGPlusPlus
 from .dps import DPS
+from .dsg import DSG
 from .dynamic_cfg import DynamicCFG
 from .fdg import FDG
 from .interval import Interval
@@ -30,6 +31,7 @@ __all__ = [
     "APG",
     "CFG",
     "DPS",
+    "DSG",
     "FDG",
     "SAMG",
     "TCFG",
