@@ -32,7 +32,7 @@ def _why_not(name: str) -> str | None:
     if strategy.sampler_coupled:
         return "sampler-coupled"  # re-noises inside the sampler update (CFG++, DPS)
     if strategy.models() != frozenset({"main"}):
-        return "weak"  # AutoGuidance's second model
+        return "weak"  # AutoGuidance without its second model (test_autoguidance_with_a_weak_model_... runs it)
     return None
 
 
@@ -113,6 +113,41 @@ def test_every_strategy_equals_the_native_engine(tiny: Tiny, name: str) -> None:
         assert guider.engine.nfe == denoiser.nfe, (name, comfy_sampler)
         assert [r.branches for r in guider.engine.records] == [r.branches for r in denoiser.records]
         assert guider.engine.nfe == sum(len(c) for c in guider.backend.calls)  # rows ComfyUI ran = the plan's
+
+
+def test_autoguidance_with_a_weak_model_equals_the_native_engine(tiny: Tiny) -> None:
+    """The weak branch runs on the second MODEL through the same calc_cond_batch (AutoGuidance, Karras et al.)."""
+    import comfy.samplers
+    from guidekit_comfyui.guider import GuidekitComfyGuider
+
+    weak = tiny_model(seed=1)
+    strategy = gk.AutoGuidance(2.0)
+    model, weak_base = tiny.patcher.model, weak.patcher.model
+    main = EDMModel(lambda x, sigma, cond: model.apply_model(x, sigma, c_crossattn=cond), prediction="x0")
+    weak_adapter = EDMModel(lambda x, sigma, cond: weak_base.apply_model(x, sigma, c_crossattn=cond), prediction="x0")
+    for comfy_sampler, gk_sampler in SAMPLER_PAIRS:
+        n, sigmas = noise(), schedule()
+        guider = GuidekitComfyGuider(tiny.patcher, strategy, weak_model=weak.patcher)
+        guider.set_conds(tiny.positive, tiny.negative)
+        sampler = comfy.samplers.sampler_object(comfy_sampler)
+        ours = guider.sample(n, torch.zeros_like(n), sampler, sigmas, disable_pbar=True)
+        denoiser = gk.guided(main, strategy, tiny.cond, tiny.uncond, weak_model=weak_adapter)
+        native = model.process_latent_out(SAMPLERS.get(gk_sampler)(denoiser, n * sigmas[0], sigmas.double()))
+        assert float((ours - native).abs().max()) / float(native.abs().max()) < 2e-5, comfy_sampler
+        assert guider.engine.nfe == denoiser.nfe
+        assert {c for c in guider.backend.calls} == {("cond",), ("weak",)}
+
+
+def test_a_weak_model_the_strategy_never_uses_is_refused(tiny: Tiny) -> None:
+    with pytest.raises(ConfigError, match="weak_model: expected None"):
+        from guidekit_comfyui.guider import GuidekitComfyGuider
+
+        guider = GuidekitComfyGuider(tiny.patcher, gk.CFG(2.0), weak_model=tiny_model(seed=1).patcher)
+        guider.set_conds(tiny.positive, tiny.negative)
+        import comfy.samplers
+
+        n = noise()
+        guider.sample(n, torch.zeros_like(n), comfy.samplers.sampler_object("euler"), schedule(), disable_pbar=True)
 
 
 def test_nfe_rows_counted_inside_comfyui_match_the_plan(tiny: Tiny) -> None:

@@ -25,6 +25,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import comfy.model_management
 import comfy.model_sampling
 import comfy.samplers
 import torch
@@ -149,12 +150,18 @@ class ComfyBranches(Backend):
         return "x0"
 
     def check_branch(self, branch: Branch) -> None:
-        if branch.model != "main" or branch.condition not in _COMFY_CONDS or not self.supports(branch.perturbation):
+        if branch.model not in self.models():
+            hint = " (connect the weak_model input of the Guidekit Guider)" if branch.model == "weak" else ""
+            raise ConfigError(
+                f"{branch.model}_model: expected a model for branch {branch.name!r}, since the strategy evaluates "
+                f"it; {self.who} got {sorted(self.models())}{hint}"
+            )
+        if branch.condition not in _COMFY_CONDS or not self.supports(branch.perturbation):
             kind = "none" if branch.perturbation is None else branch.perturbation.kind
             raise ConfigError(
-                f"strategy: {self.who} run the positive and negative conditionings of one model, got branch "
-                f"{branch.name!r} (model {branch.model!r}, condition {branch.condition!r}, perturbation {kind!r}); "
-                "weak models and perturbations are not supported in ComfyUI yet"
+                f"strategy: {self.who} run the positive and negative conditionings, got branch {branch.name!r} "
+                f"(condition {branch.condition!r}, perturbation {kind!r}); perturbations are not supported in "
+                "ComfyUI yet"
             )
 
     def forward(
@@ -209,11 +216,15 @@ class ComfyBackend(ComfyBranches):
         self.calls: list[tuple[str, ...]] = []
         """The branch names of every ``calc_cond_batch`` call (tests count rows with it)."""
 
+    def models(self) -> frozenset[str]:
+        return frozenset({"main", "weak"} if self.guider.weak_model is not None else {"main"})
+
     def forward(
         self, x: Tensor, sigma: Tensor, branches: Sequence[Branch], conditions: Mapping[str, Any]
     ) -> dict[str, Tensor]:
         g = self.guider
         x_comfy, timestep, model_options = g.current(x)
+        model = g.inner_model if branches[0].model == "main" else g.weak_model.model
         conds = []
         for b in branches:
             cond = g.conds.get(_COMFY_CONDS[b.condition])
@@ -224,7 +235,7 @@ class ComfyBackend(ComfyBranches):
                 )
             conds.append(cond)
         self.calls.append(tuple(b.name for b in branches))
-        out = comfy.samplers.calc_cond_batch(g.inner_model, conds, x_comfy, timestep, model_options)
+        out = comfy.samplers.calc_cond_batch(model, conds, x_comfy, timestep, model_options)
         return {b.name: o for b, o in zip(branches, out, strict=True)}
 
 
@@ -234,11 +245,19 @@ class GuidekitComfyGuider(comfy.samplers.CFGGuider):
     Args:
         model_patcher: ComfyUI's ``MODEL``.
         strategy: a :class:`StrategyRef` (a strategy node's output), a guidekit strategy or its spec.
+        weak_model: AutoGuidance's weak ``MODEL`` (same family as ``model``: the conditionings are prepared for
+            ``model``); refused for a strategy that never evaluates it.
     """
 
-    def __init__(self, model_patcher: Any, strategy: StrategyRef | GuidanceStrategy | dict[str, Any]) -> None:
+    def __init__(
+        self,
+        model_patcher: Any,
+        strategy: StrategyRef | GuidanceStrategy | dict[str, Any],
+        weak_model: Any = None,
+    ) -> None:
         super().__init__(model_patcher)
         self.strategy_ref = as_ref(strategy, "Guidekit Guider", "strategy")
+        self.weak_model = weak_model
         self.engine: Engine | None = None
         self.backend = ComfyBackend(self)
         self.clock: StepClock | None = None
@@ -260,6 +279,9 @@ class GuidekitComfyGuider(comfy.samplers.CFGGuider):
         disable_pbar: bool,
         seed: int | None,
     ) -> Tensor:
+        weak = self.weak_model
+        if weak is not None:
+            comfy.model_management.load_models_gpu([weak])
         model_sampling = self.inner_model.model_sampling
         self.engine, self.clock = start_run(self.strategy_ref, self.backend, sampler, sigmas, model_sampling)
         clock = self.clock
@@ -271,9 +293,17 @@ class GuidekitComfyGuider(comfy.samplers.CFGGuider):
             if callback is not None:
                 callback(step, x0, x, total)
 
-        return super().inner_sample(
-            noise, latent_image, device, sampler, sigmas, denoise_mask, on_step, disable_pbar, seed
-        )
+        if weak is None:
+            return super().inner_sample(
+                noise, latent_image, device, sampler, sigmas, denoise_mask, on_step, disable_pbar, seed
+            )
+        weak.pre_run()  # as outer_sample does for the main model
+        try:
+            return super().inner_sample(
+                noise, latent_image, device, sampler, sigmas, denoise_mask, on_step, disable_pbar, seed
+            )
+        finally:
+            weak.cleanup()
 
     def predict_noise(
         self, x: Tensor, timestep: Tensor, model_options: dict[str, Any] | None = None, seed: Any = None

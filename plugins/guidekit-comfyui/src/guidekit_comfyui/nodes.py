@@ -336,13 +336,14 @@ class GuidekitGuiderNode:
                 "positive": ("CONDITIONING",),
                 "negative": ("CONDITIONING",),
                 "strategy": (STRATEGY_TYPE,),
-            }
+            },
+            "optional": {"weak_model": ("MODEL", {"tooltip": "AutoGuidance's weak model (same family)"})},
         }
 
-    def get_guider(self, model: Any, positive: Any, negative: Any, strategy: Any) -> tuple[Any]:
+    def get_guider(self, model: Any, positive: Any, negative: Any, strategy: Any, weak_model: Any = None) -> tuple[Any]:
         from .guider import GuidekitComfyGuider  # imports ComfyUI
 
-        guider = GuidekitComfyGuider(model, as_ref(strategy, self.DISPLAY, "strategy"))
+        guider = GuidekitComfyGuider(model, as_ref(strategy, self.DISPLAY, "strategy"), weak_model)
         guider.set_conds(positive, negative)
         return (guider,)
 
