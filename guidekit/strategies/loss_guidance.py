@@ -15,15 +15,18 @@ from ..branch import Plan
 from ..context import GuidanceContext, StrategySpace
 from ..errors import ConfigError
 from ..losses import Loss, check_loss_value, sample_norm
-from .base import GuidanceStrategy, Predictions
+from .base import Combinator, GuidanceStrategy, Predictions
 from .cfg import CFG
 
 __all__ = ["LossGuidance"]
 
 
 @dataclass(frozen=True)
-class LossGuidance(GuidanceStrategy):
+class LossGuidance(Combinator):
     """Base of the loss-guidance strategies: ``inner`` gives ``x̂0``, ``loss(x̂0, ctx) -> (b,)`` scores it.
+
+    A :class:`~guidekit.strategies.base.Combinator` (models, state and the two-branch entry points are
+    ``inner``'s) whose space is always x0.
 
     On a step's first evaluation the plan is ``inner``'s with ``grad=True``: the engine keeps the graph back
     to the noisy sample, and :meth:`gradient` is ``∇_x L(x̂0(x))`` in EDM coordinates. Subclasses return, in
@@ -75,25 +78,11 @@ class LossGuidance(GuidanceStrategy):
             raise ConfigError("loss: expected a loss(x0, ctx) -> (b,) to guide with (guidekit.losses), got None")
         return tuple(dataclasses.replace(b, grad=True) for b in plan)
 
-    def models(self) -> frozenset[str]:
-        return self.inner.models()
-
     @property
     def sampler_coupled(self) -> bool:
         return True
 
-    def init_state(self, like: Tensor) -> Any:
-        return self.inner.init_state(like)
-
-    # -- the combine ---------------------------------------------------------------------------------
-    def combine(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor:
-        return self.combine_step(pred_cond, pred_uncond, ctx, self.init_state(pred_cond))[0]
-
-    def combine_step(
-        self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext, state: Any
-    ) -> tuple[Tensor, Any]:
-        return self.combine_branches({"cond": pred_cond, "uncond": pred_uncond}, ctx, state)
-
+    # -- the combine (models, state and the two-branch entry points: the Combinator's delegation) -------
     def combine_branches(self, preds: Predictions, ctx: GuidanceContext, state: Any) -> tuple[Tensor, Any]:
         x0, state = self.inner.combine_branches(preds, ctx, state)
         x = ctx.x
