@@ -7,7 +7,7 @@ CFG(scale=7.5)
 
 from __future__ import annotations
 
-from . import energy, engine, losses, ops, strategies
+from . import energy, engine, losses, ops, perturbations, strategies
 from .branch import COND, UNCOND, Branch, NoPerturbation, Perturbation
 from .config import ComponentSpec, build, load_spec, to_spec
 from .context import GuidanceContext
@@ -29,6 +29,7 @@ from .strategies import (
     DPS,
     DSG,
     FDG,
+    PAG,
     SAMG,
     TCFG,
     TVCFG,
@@ -56,6 +57,7 @@ __all__ = [
     "DPS",
     "DSG",
     "FDG",
+    "PAG",
     "REGISTRIES",
     "SAMG",
     "TCFG",
@@ -94,6 +96,7 @@ __all__ = [
     "load_spec",
     "losses",
     "ops",
+    "perturbations",
     "sample",
     "strategies",
     "to_spec",

@@ -581,6 +581,9 @@ class _CountingBackend(Backend):
     def prediction(self, model: str) -> Any:
         return "x0"
 
+    def supports(self, perturbation: Any) -> bool:
+        return True  # a stand-in network: every perturbation is "applied" (the pair answers every branch)
+
     def forward(self, x: Tensor, sigma: Tensor, branches: Sequence[Branch], conditions: Any) -> dict[str, Tensor]:
         self.rows += len(branches) * x.shape[0]
         return _plan_predictions(branches, self.c, self.u)

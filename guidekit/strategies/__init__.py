@@ -19,6 +19,7 @@ from .dsg import DSG
 from .dynamic_cfg import DynamicCFG
 from .fdg import FDG
 from .interval import Interval
+from .pag import PAG
 from .ramp import Ramp
 from .rescale import Rescale
 from .samg import SAMG
@@ -33,6 +34,7 @@ __all__ = [
     "DPS",
     "DSG",
     "FDG",
+    "PAG",
     "SAMG",
     "TCFG",
     "TVCFG",

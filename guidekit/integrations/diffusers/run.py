@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from ...branch import Branch
+from ...branch import Branch, NoPerturbation
 from ...engine import Backend, Engine, Position
 from ...errors import ConfigError, GuidekitError, ShapeError
 from ...guided import guided
@@ -24,6 +24,7 @@ from ...ops.spaces import PredictionSpace, edm_x_from
 from ...strategies.base import GuidanceStrategy
 from .calls import Call, pack, zip_cat
 from .families import Coords, Family, is_flow, noise_schedule
+from .perturb import KINDS, applied
 
 if TYPE_CHECKING:
     from .stand_in import SamplerScheduler
@@ -208,9 +209,13 @@ class PipelineBackend(Backend):
     """The pipeline's own denoiser call as an engine backend: the rows of ``call`` the plan needs.
 
     A plan of ``cond`` and ``uncond`` runs the call exactly as the pipeline made it (its batch order, so
-    plain CFG reproduces the pipeline bit for bit); a plan of one branch runs that half only. Set
-    :attr:`call` before each evaluation. Predictions come back in the canonical layout.
+    plain CFG reproduces the pipeline bit for bit); a plan of one branch runs that half only. A group with
+    a perturbation (:mod:`guidekit.perturbations`) runs with the denoiser's attention processors swapped
+    for the forward (:mod:`.perturb`). Set :attr:`call` before each evaluation. Predictions come back in
+    the canonical layout.
     """
+
+    perturbations: ClassVar[frozenset[str]] = frozenset({NoPerturbation.kind}) | KINDS
 
     def __init__(self, space: PredictionSpace | None, layout: str) -> None:
         self._space, self.layout = space, layout
@@ -231,13 +236,13 @@ class PipelineBackend(Backend):
             raise GuidekitError("call: expected the intercepted denoiser call before the forward, got none")
         rows = {"cond": call.cond, "uncond": call.uncond}
         for branch in branches:
-            if branch.condition not in rows or branch.perturbation is not None:
+            if branch.condition not in rows:
                 raise ConfigError(
-                    f"branches: a pipeline's own call has the conditions 'cond' and 'uncond' and no "
-                    f"perturbation, got branch {branch!r}"
+                    f"branches: a pipeline's own call has the conditions 'cond' and 'uncond', got branch {branch!r}"
                 )
         names = {b.condition for b in branches}
-        pred = call.run(None if names == {"cond", "uncond"} else rows[next(iter(names))])
+        with applied(call.forward.__self__, branches[0].group[1]):  # type: ignore[attr-defined]
+            pred = call.run(None if names == {"cond", "uncond"} else rows[next(iter(names))])
         expected = call.latent()[call.cond].shape
         out = {}
         for branch in branches:

@@ -22,6 +22,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+import guidekit as gk
+from guidekit.registry import STRATEGIES
+
 REPO = Path(__file__).resolve().parents[3]
 FALLBACK = REPO.parent / "shared" / "vendor" / "ComfyUI"
 
@@ -212,3 +215,21 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def example(name: str) -> gk.GuidanceStrategy:
+    cls = STRATEGIES.get(name)
+    return cls.contract_example()
+
+
+def why_not(name: str) -> str | None:
+    """Why the guider cannot run ``name`` (refused when sampling starts), or ``None``."""
+    strategy = example(name)
+    if strategy.sampler_coupled:
+        return "sampler-coupled"  # re-noises inside the sampler update (CFG++, DPS)
+    if strategy.models() != frozenset({"main"}):
+        return "weak"  # AutoGuidance without its second model (test_autoguidance_with_a_weak_model_... runs it)
+    ctx = gk.GuidanceContext.default(torch.zeros(1, 1, 1, 1))
+    if any(b.perturbation is not None for b in strategy.branches(ctx, strategy.init_state(torch.zeros(1, 1, 1, 1)))):
+        return "perturbation"  # a perturbed forward (PAG), which the ComfyUI guider does not apply yet
+    return None

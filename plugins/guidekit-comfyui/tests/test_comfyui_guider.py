@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from comfyui_harness import Tiny, import_comfy, noise, one_thread, require, schedule, tiny_model
+from comfyui_harness import Tiny, example, import_comfy, noise, one_thread, require, schedule, tiny_model, why_not
 
 import guidekit as gk
 from guidekit.errors import ConfigError
@@ -21,22 +21,7 @@ SAMPLER_PAIRS = [("euler", "euler"), ("heun", "heun"), ("dpmpp_2m", "dpmpp-2m")]
 """ComfyUI's sampler name -> guidekit's."""
 
 
-def _example(name: str) -> gk.GuidanceStrategy:
-    cls = STRATEGIES.get(name)
-    return cls.contract_example() if hasattr(cls, "contract_example") else cls()
-
-
-def _why_not(name: str) -> str | None:
-    """Why the guider cannot run ``name`` (refused when sampling starts), or ``None``."""
-    strategy = _example(name)
-    if strategy.sampler_coupled:
-        return "sampler-coupled"  # re-noises inside the sampler update (CFG++, DPS)
-    if strategy.models() != frozenset({"main"}):
-        return "weak"  # AutoGuidance without its second model (test_autoguidance_with_a_weak_model_... runs it)
-    return None
-
-
-NOT_A_GUIDER = {name: why for name in STRATEGIES.names() if (why := _why_not(name)) is not None}
+NOT_A_GUIDER = {name: why for name in STRATEGIES.names() if (why := why_not(name)) is not None}
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +88,7 @@ def test_the_plugin_strategy_is_covered() -> None:
 
 @pytest.mark.parametrize("name", _registered())
 def test_every_strategy_equals_the_native_engine(tiny: Tiny, name: str) -> None:
-    strategy = _example(name)
+    strategy = example(name)
     for comfy_sampler, gk_sampler in SAMPLER_PAIRS:
         ours, guider = _comfy(tiny, strategy, comfy_sampler)
         native, denoiser = _native(tiny, strategy, gk_sampler)
@@ -246,7 +231,7 @@ def test_percent_window_node_guides_the_same_steps_in_float32_and_float64(tiny: 
 @pytest.mark.parametrize("name", sorted(NOT_A_GUIDER))
 def test_strategies_the_guider_cannot_run_are_refused_by_name(tiny: Tiny, name: str) -> None:
     with pytest.raises(ConfigError, match=NOT_A_GUIDER[name]):
-        _comfy(tiny, _example(name), "euler")
+        _comfy(tiny, example(name), "euler")
 
 
 @dataclasses.dataclass(frozen=True)

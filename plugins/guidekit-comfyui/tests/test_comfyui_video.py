@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from comfyui_harness import Tiny, import_comfy, one_thread, require, tiny_video
+from comfyui_harness import Tiny, example, import_comfy, one_thread, require, tiny_video, why_not
 
 import guidekit as gk
 from guidekit.registry import SAMPLERS, STRATEGIES
@@ -76,12 +76,9 @@ def test_cfg_on_a_video_flow_model_matches_comfyui_cfg_guider(video: Tiny) -> No
 def test_every_strategy_on_5d_latents_equals_the_native_engine(video: Tiny, name: str) -> None:
     from guidekit_comfyui.guider import GuidekitComfyGuider
 
-    cls = STRATEGIES.get(name)
-    strategy = cls.contract_example() if hasattr(cls, "contract_example") else cls()
-    if strategy.sampler_coupled:
-        pytest.skip(f"{name}: sampler-coupled, the guider refuses it (test_comfyui_guider checks the refusal)")
-    if strategy.models() != frozenset({"main"}):
-        pytest.skip(f"{name}: needs a weak model; test_comfyui_guider runs it with one on the UNet")
+    strategy, why = example(name), why_not(name)
+    if why is not None:
+        pytest.skip(f"{name}: {why}; the guider refuses it (test_comfyui_guider checks the refusal)")
     guider = GuidekitComfyGuider(video.patcher, strategy)
     ours = _sample(guider, video)
     native, denoiser = _native(video, strategy)
