@@ -233,3 +233,15 @@ def test_loss_guidance_runs_through_a_diffusers_pipeline(name):
         ).images  # fmt: skip
         residual[label] = float((mask * (out - y)).norm())
     assert residual["guided"] < residual["plain"] / 5, residual
+
+
+def test_dsg_with_a_zero_gradient_at_full_rate_takes_the_plain_step():
+    """Regression: g_r = 1 with a zero gradient (a saturated loss, e.g. a classifier already sure) left
+    d_m = 0 and the float32 normalisation made NaN; the step is the plain eta-DDIM step instead."""
+    n = 3
+    zero = gk.DSG(loss=lambda x0, ctx: (x0 * 0).flatten(1).sum(1), guidance_rate=1.0, seed=1)
+    plain = gk.DSG(loss=sample_norm, guidance_rate=0.0, seed=1)
+    x_T = noise(n).float() * 80.0
+    kw = dict(prediction="edm", sampler="euler", steps=6, cond=torch.zeros(n, dtype=torch.long), progress=False)
+    out = gk.sample(GM.as_model("edm"), x_T, strategy=zero, **kw)
+    assert torch.allclose(out, gk.sample(GM.as_model("edm"), x_T, strategy=plain, **kw), atol=1e-5)

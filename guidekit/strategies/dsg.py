@@ -95,6 +95,9 @@ class DSG(LossGuidance):
             r = math.sqrt(x[0].numel()) * s_t
             d_star = -per_sample(r, x) * grad / per_sample(grad.flatten(1).norm(dim=1) + 1e-8, x)
             d_m = d_samp + self.guidance_rate * (d_star - d_samp)
-            d_samp = per_sample(r / d_m.flatten(1).norm(dim=1).clamp(min=1e-300), x) * d_m
+            norm = d_m.flatten(1).norm(dim=1).to(torch.float64)
+            # g_r = 1 with a zero gradient (a saturated loss) leaves d_m = 0: the plain step there, not NaN
+            scaled = per_sample(r / norm.clamp(min=1e-300), x) * d_m
+            d_samp = torch.where(per_sample(norm > 0, x, dtype=torch.bool), scaled, d_samp)
         x_next = (mean + d_samp) / per_sample(vp_alpha(nxt), x)  # VP -> EDM at sigma'
         return (x_next - per_sample(nxt, x) * eps).detach()
