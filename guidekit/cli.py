@@ -129,6 +129,12 @@ def _report(table: str, out: str, names: list[str], quiet: bool) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Every registered strategy over a small sweep of strengths on the embedded digits model."""
     _check_numbers(args)
+    if args.task is not None:
+        if args.video:
+            raise CLIError(f"--task: expected no --video (inverse problems run on the image model), got {args.task!r}")
+        from .zoo.inverse import run_from_demo_args as run_task
+
+        return run_task(args)
     if args.video:
         from .zoo.video.demo import run_from_demo_args
 
@@ -293,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(demo, per_class=20, steps=12)
     demo.add_argument("--only", nargs="+", metavar="NAME", help="only these registered strategies")
     demo.add_argument("--video", action="store_true", help="the moving-digits video model instead (GIFs + metrics)")
+    demo.add_argument(
+        "--task", metavar="TASK",
+        help="an inverse problem instead: inpaint, inpaint-random or sr (no guidance vs DPS vs DSG on held-out digits)",
+    )  # fmt: skip
     demo.set_defaults(func=cmd_demo)
 
     compare = sub.add_parser("compare", help=cmd_compare.__doc__, description=cmd_compare.__doc__)

@@ -25,13 +25,16 @@ from types import TracebackType
 from ..errors import ConfigError
 from .cmdline import out_folder, writable_folder
 
-__all__ = ["IMAGE_OUTPUTS", "MANIFEST", "VIDEO_OUTPUTS", "StagedOutput"]
+__all__ = ["IMAGE_OUTPUTS", "INVERSE_OUTPUTS", "MANIFEST", "VIDEO_OUTPUTS", "StagedOutput"]
 
 MANIFEST = ".guidekit-run.json"
 """Written last into every run folder: the names of the run's files (what ``force`` replaces next time)."""
 
 IMAGE_OUTPUTS = ("metrics.txt", "metrics.csv", "metrics.json", "grid.png", "frontier.png", "scale-maps-*.png")
 """Names the image demo and ``compare`` write (``fnmatch`` patterns)."""
+
+INVERSE_OUTPUTS = ("metrics.txt", "metrics.json", "grid.png", "measurement.png", "measurement.pt")
+"""Names ``demo --task`` writes (an inverse problem: the measurement, the reconstructions, the metrics)."""
 
 VIDEO_OUTPUTS = ("metrics.md", "metrics.json", "*.gif", "*_strip.png")
 """Names the video demo writes (``fnmatch`` patterns)."""
