@@ -138,30 +138,35 @@ def summary_table(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def md_table(header: list[str], body: list[list[str]]) -> str:
+    """A markdown table of ``header`` and the rows of ``body``."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join([*lines, *("| " + " | ".join(cells) + " |" for cells in body)])
+
+
 def full_table(rows: list[dict]) -> str:
-    lines = [
-        "| task | steps | method | PSNR | PSNR missing | residual | FD test | consistency | NFE | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+    header = ["task", "steps", "method", "PSNR", "PSNR missing", "residual", "FD test", "consistency", "NFE", "seconds"]
+    keys = [(k, ".2f") for k in ("psnr", "psnr_missing")] + [("residual", ".3f"), ("fd_test", ".1f")]
+    keys.append(("consistency", ".2f"))
+    body = [
+        [
+            r["task"],
+            str(r["steps"]),
+            r["label"],
+            *(format(r[k], f) for k, f in keys),
+            str(r["nfe"]),
+            f"{r['seconds']:.1f}",
+        ]
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['task']} | {r['steps']} | {r['label']} | {r['psnr']:.2f} | {r['psnr_missing']:.2f} "
-            f"| {r['residual']:.3f} | {r['fd_test']:.1f} | {r['consistency']:.2f} | {r['nfe']} | {r['seconds']:.1f} |"
-        )
-    return "\n".join(lines)
+    return md_table(header, body)
 
 
 def cg_table(rows: list[dict]) -> str:
-    lines = [
-        "| target acc | method | strength | acc | p(y\\|x) | FD test | NFE | seconds |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['target']:.2f} | {r['method']} | {r['strength']:.4f} | {r['acc']:.3f} | {r['p_y']:.3f} "
-            f"| {r['fd_test']:.1f} | {r['nfe']} | {r['seconds']:.1f} |"
-        )
-    return "\n".join(lines)
+    header = ["target acc", "method", "strength", "acc", "p(y\\|x)", "FD test", "NFE", "seconds"]
+    keys = (("target", ".2f"), ("method", ""), ("strength", ".4f"), ("acc", ".3f"), ("p_y", ".3f"), ("fd_test", ".1f"))
+    body = [[*(format(r[k], f) for k, f in keys), str(r["nfe"]), f"{r['seconds']:.1f}"] for r in rows]
+    return md_table(header, body)
 
 
 def figure(rows: list[dict], args: argparse.Namespace, path: Path) -> Path:
