@@ -1,10 +1,11 @@
 """Concrete perturbations: model-agnostic specs of what to change in the network for one forward.
 
-Each names the layers it acts on with ``layers``, regular expressions searched in the module names of the
-backend's network (diffusers' ``pag_applied_layers`` rule: ``"mid"`` matches every self-attention in the
-mid block; a selector ending in a number matches that index only, ``blocks.1`` is not ``blocks.10``). A
-backend applies the kinds it lists in ``Backend.perturbations`` and refuses others by name; a selector
-that matches no layer is an error naming the layers there are.
+Each names the layers it acts on with ``layers``, selectors of module names in the backend's network:
+:class:`IdentitySelfAttention` searches them as regular expressions among the self-attention modules
+(diffusers' ``pag_applied_layers``: ``"mid"`` is every self-attention of the mid block);
+:class:`SkipBlocks` names whole blocks, a module name or its dotted suffix (``"transformer_blocks.7"``,
+never ``transformer_blocks.17``). A backend applies the kinds it lists in ``Backend.perturbations`` and
+refuses others by name; a selector that matches no layer is an error naming the layers there are.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import ClassVar
 
 from .branch import Perturbation
 
-__all__ = ["IdentitySelfAttention"]
+__all__ = ["IdentitySelfAttention", "SkipBlocks"]
 
 
 @dataclass(frozen=True)
@@ -24,3 +25,15 @@ class IdentitySelfAttention(Perturbation):
 
     kind: ClassVar[str] = "identity-self-attention"
     layers: tuple[str, ...] = ("mid",)
+
+
+@dataclass(frozen=True)
+class SkipBlocks(Perturbation):
+    """Skip the selected blocks: each returns its inputs (Skip-Layer Guidance, SD 3.5's SLG; STG-R on video).
+
+    ``layers`` are block names or their dotted suffixes, e.g. ``("transformer_blocks.7",)``; SD3's
+    ``skip_guidance_layers=[7, 8, 9]`` is ``tuple(f"transformer_blocks.{i}" for i in (7, 8, 9))``.
+    """
+
+    kind: ClassVar[str] = "skip-blocks"
+    layers: tuple[str, ...] = ("transformer_blocks.7", "transformer_blocks.8", "transformer_blocks.9")

@@ -24,6 +24,7 @@ from .ramp import Ramp
 from .rescale import Rescale
 from .samg import SAMG
 from .scale_function import ScaleCallable, ScaleFunction
+from .slg import SLG
 from .tcfg import TCFG
 from .tvcfg import TVCFG
 
@@ -36,6 +37,7 @@ __all__ = [
     "FDG",
     "PAG",
     "SAMG",
+    "SLG",
     "TCFG",
     "TVCFG",
     "AdaptiveGuidance",

@@ -7,16 +7,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from diffusers.hooks._helpers import TransformerBlockRegistry  # pinned diffusers 0.42.1: block input/output map
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
 from ...branch import Perturbation
 from ...errors import ConfigError
-from ...perturbations import IdentitySelfAttention
+from ...perturbations import IdentitySelfAttention, SkipBlocks
 
 __all__ = ["KINDS", "IdentityAttnProcessor", "applied", "self_attention_layers"]
 
-KINDS = frozenset({IdentitySelfAttention.kind})
+_UNSET: Any = object()
+
+KINDS = frozenset({IdentitySelfAttention.kind, SkipBlocks.kind})
 """The perturbation kinds the diffusers backends apply."""
 
 
@@ -34,19 +37,52 @@ def _matches(selector: str, name: str) -> bool:
     return not (last.isnumeric() and own.isnumeric() and last == own)
 
 
-def resolve(model: nn.Module, perturbation: Perturbation) -> list[Attention]:
+def resolve(model: nn.Module, perturbation: Perturbation) -> list[nn.Module]:
     """The modules ``perturbation.layers`` selects, refused by name when a selector matches none."""
-    layers = self_attention_layers(model)
-    chosen: dict[str, Attention] = {}
+    if isinstance(perturbation, SkipBlocks):
+        layers: dict[str, nn.Module] = {n: m for n, m in model.named_modules() if n and _is_block(m)}
+        what = "transformer block"
+
+        def match(selector: str, name: str) -> bool:
+            return name == selector or name.endswith("." + selector)
+    else:
+        layers, what, match = dict(self_attention_layers(model)), "self-attention layer", _matches
+    chosen: dict[str, nn.Module] = {}
     for selector in perturbation.layers:
-        hits = {n: m for n, m in layers.items() if _matches(selector, n)}
+        hits = {n: m for n, m in layers.items() if match(selector, n)}
         if not hits:
             raise ConfigError(
-                f"perturbation: layer selector {selector!r} matches no self-attention layer of "
-                f"{type(model).__name__}; its self-attention layers are {sorted(layers)}"
+                f"perturbation: layer selector {selector!r} matches no {what} of {type(model).__name__}; its "
+                f"{what}s are {sorted(layers)}"
             )
         chosen.update(hits)
     return list(chosen.values())
+
+
+def _is_block(module: nn.Module) -> bool:
+    """A transformer block diffusers knows the inputs and outputs of (its hook registry's metadata)."""
+    try:
+        TransformerBlockRegistry.get(type(module))
+    except ValueError:
+        return False
+    return True
+
+
+def _skipped(block: nn.Module) -> Any:
+    """A forward that returns the block's inputs in the places of its outputs (diffusers' block metadata)."""
+    meta = TransformerBlockRegistry.get(type(block))
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        hidden = meta._get_parameter_from_args_kwargs(meta.hidden_states_argument_name, args, kwargs)
+        if meta.return_encoder_hidden_states_index is None:
+            return hidden
+        encoder = meta._get_parameter_from_args_kwargs(meta.encoder_hidden_states_argument_name, args, kwargs)
+        out: list[Any] = [None, None]
+        out[meta.return_hidden_states_index] = hidden
+        out[meta.return_encoder_hidden_states_index] = encoder
+        return tuple(out)
+
+    return forward
 
 
 class IdentityAttnProcessor:
@@ -88,11 +124,19 @@ def applied(model: nn.Module, perturbation: Perturbation | None) -> Iterator[Non
     if perturbation.kind not in KINDS:
         raise ConfigError(f"perturbation: the diffusers backends apply {sorted(KINDS)}, got {perturbation.kind!r}")
     modules = resolve(model, perturbation)
-    saved = [(m, m.processor) for m in modules]
+    if isinstance(perturbation, SkipBlocks):
+        saved = [(m, "forward", m.__dict__.get("forward", _UNSET)) for m in modules]
+        replacements = [_skipped(m) for m in modules]
+    else:
+        saved = [(m, "processor", m.processor) for m in modules]
+        replacements = [IdentityAttnProcessor() for _ in modules]  # an attribute: set_processor logs, pops hooks
     try:
-        for m in modules:
-            m.processor = IdentityAttnProcessor()  # plain attribute: set_processor would log and pop hooks
+        for m, value in zip(modules, replacements, strict=True):
+            setattr(m, saved[0][1], value)
         yield
     finally:
-        for m, processor in saved:
-            m.processor = processor
+        for m, attr, value in saved:
+            if value is _UNSET:
+                delattr(m, attr)
+            else:
+                setattr(m, attr, value)
