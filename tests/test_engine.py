@@ -72,7 +72,7 @@ def cases(reason: Any) -> list[Any]:
 
 
 def native_limits(s: gk.GuidanceStrategy) -> str | None:
-    return "plans a perturbed forward, which the native backend does not apply yet" if perturbs(s) else None
+    return "plans a perturbed forward, which needs an nn.Module (the oracle is a function)" if perturbs(s) else None
 
 
 def weak_for(strategy: gk.GuidanceStrategy, make: Any) -> Any:
@@ -277,7 +277,8 @@ class Perturbed(gk.CFG):
 
 def test_an_unsupported_perturbation_is_refused_by_name():
     den = gk.guided(EDMModel(GM.as_model("edm")), Perturbed(perturbation=SkipLayers(("mid",))), LABELS, UNCONDS)
-    with pytest.raises(gk.ConfigError, match=r"perturbation: NativeBackend supports \['none'\], got 'skip-layers'"):
+    supported = r"\['identity-self-attention', 'none', 'skip-blocks'\]"
+    with pytest.raises(gk.ConfigError, match=rf"perturbation: NativeBackend supports {supported}, got 'skip-layers'"):
         sample_euler(den, x_T(), SIGMAS)
 
 

@@ -67,10 +67,57 @@ def test_a_selector_that_matches_nothing_names_the_layers(pipes):
         generate(pipe, gk.PAG(layers=("nowhere",)), num_inference_steps=2, output_type="latent", **kw)
 
 
-def test_a_backend_that_cannot_perturb_names_what_it_supports():
+def test_a_native_model_that_is_not_a_module_cannot_be_perturbed():
     from guidekit.oracle import GaussianMixture
 
     gm = GaussianMixture.random(num_classes=2, components=1, event_shape=(1, 2, 2), seed=0)
-    with pytest.raises(gk.ConfigError, match=r"NativeBackend supports \['none'\], got 'identity-self-attention'"):
+    with pytest.raises(gk.ConfigError, match=r"model: expected a torch.nn.Module to apply the 'identity-self-"):
         gk.sample(gm.as_model("edm"), torch.randn(2, 1, 2, 2), prediction="edm", steps=2, strategy=gk.PAG(),
                   cond=torch.tensor([0, 1]), uncond=torch.full((2,), -1))  # fmt: skip
+
+
+# -- the native backend: guidekit's own video model (space-time attention) -------------------------------------
+def test_native_pag_on_the_video_model_perturbs_exactly_the_selected_attention():
+    """The perturbed prediction equals the model with its attention replaced by ``out_proj(v_proj(h))`` by hand;
+    the attention module is restored after every forward; 3 NFE per step with CFG."""
+    import copy
+
+    from guidekit.zoo.video import load_denoiser
+
+    torch.manual_seed(0)
+    model = load_denoiser()
+    x, sigma, labels = torch.randn(2, 1, 8, 16, 16) * 2.0, torch.full((2,), 2.0), torch.tensor([3, 7])
+    adapter = gk.samplers.EDMModel(model, prediction="x0", layout="b c f h w")
+    den = gk.guided(adapter, gk.PAG(gk.CFG(1.0), scale=1.0, layers=("attn",)), labels, None)
+    info = gk.samplers.StepInfo(0, 1, torch.tensor([2.0, 0.0], dtype=torch.float64))
+    with torch.no_grad():
+        guided = den(x, sigma, info)  # c + (c - p)
+        cond = model(x, sigma, labels)
+        by_hand = copy.deepcopy(model)
+        attn = by_hand.net.attn.attn
+        e = attn.embed_dim
+        attn.forward = lambda q, k, v, **kw: (
+            attn.out_proj(v @ attn.in_proj_weight[2 * e :].T + attn.in_proj_bias[2 * e :]),
+            None,
+        )
+        perturbed = by_hand(x, sigma, labels)
+    assert torch.allclose(2 * cond - guided, perturbed, atol=1e-5), float((2 * cond - guided - perturbed).abs().max())
+    assert not torch.allclose(perturbed, cond, atol=1e-3)  # the identity attention changes the prediction
+    assert "forward" not in model.net.attn.attn.__dict__
+    records: list[gk.StepRecord] = []
+    gk.sample(model, torch.randn(1, 1, 8, 16, 16) * 80.0, prediction="edm", layout="b c f h w", steps=3,
+              strategy=gk.PAG(gk.CFG(3.0), layers=("attn",)), cond=torch.tensor([3]),
+              uncond=torch.tensor([model.null_label]), callback=records.append, progress=False)  # fmt: skip
+    assert records[-1].nfe == 9 and records[0].branches == ("cond", "uncond", "perturbed")
+
+
+def test_native_slg_skips_a_residual_block_and_a_bad_selector_names_the_modules():
+    from guidekit.zoo.video import load_denoiser
+
+    model = load_denoiser()
+    kw = dict(prediction="edm", layout="b c f h w", steps=2, cond=torch.tensor([3]), progress=False)
+    x = torch.randn(1, 1, 8, 16, 16, generator=torch.Generator().manual_seed(0)) * 80.0
+    skipped = gk.sample(model, x, strategy=gk.SLG(gk.CFG(1.0), scale=1.0, layers=("net.mid2",)), **kw)
+    assert not torch.equal(skipped, gk.sample(model, x, strategy=gk.CFG(1.0), **kw))
+    with pytest.raises(gk.ConfigError, match=r"layer selector 'nowhere' matches no module of VideoDenoiser.*net\.mid2"):
+        gk.sample(model, x, strategy=gk.SLG(gk.CFG(1.0), layers=("nowhere",)), **kw)

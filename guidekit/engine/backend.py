@@ -21,6 +21,8 @@ from ..branch import Branch, NoPerturbation, Perturbation
 from ..errors import ConfigError, ShapeError
 from ..ops.spaces import PredictionSpace
 from ..samplers.adapters import ModelAdapter
+from .perturb import KINDS as PERTURBATION_KINDS
+from .perturb import applied
 
 __all__ = ["Backend", "NativeBackend", "batch_cond", "concat_cond"]
 
@@ -82,8 +84,12 @@ class NativeBackend(Backend):
     """Native models through guidekit adapters (:class:`~guidekit.samplers.VPModel`, ``FlowModel``, ...).
 
     Branches of one group are batched as ``[x; x; ...]`` with their conditions concatenated leaf by leaf
-    (``[cond; uncond]`` for CFG), one call of the model.
+    (``[cond; uncond]`` for CFG), one call of the model. A group's perturbation
+    (:mod:`guidekit.perturbations`) is applied to the model (an ``nn.Module``) for that call
+    (:mod:`guidekit.engine.perturb`).
     """
+
+    perturbations: ClassVar[frozenset[str]] = frozenset({NoPerturbation.kind}) | PERTURBATION_KINDS
 
     def __init__(self, models: Mapping[str, ModelAdapter], *, allow_nonfinite: bool = False) -> None:
         if "main" not in models:
@@ -116,9 +122,10 @@ class NativeBackend(Backend):
         b, k = x.shape[0], len(branches)
         batched = self._batched(conditions, branches, b)
         kw = {"allow_nonfinite": self.allow_nonfinite}
-        if k == 1:
-            return {branches[0].name: model.predict(x, sigma, batched, **kw)}
-        pred = model.predict(torch.cat([x] * k), torch.cat([sigma] * k), batched, **kw)
+        with applied(model.model, branches[0].group[1]):
+            if k == 1:
+                return {branches[0].name: model.predict(x, sigma, batched, **kw)}
+            pred = model.predict(torch.cat([x] * k), torch.cat([sigma] * k), batched, **kw)
         return {br.name: pred[i * b : (i + 1) * b] for i, br in enumerate(branches)}
 
     def _batched(self, conditions: Mapping[str, Any], branches: Sequence[Branch], batch: int) -> Any:

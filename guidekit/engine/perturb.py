@@ -1,0 +1,105 @@
+"""Perturbations on native PyTorch models: the selected modules' forwards replaced for one forward, and back.
+
+* :class:`~guidekit.perturbations.IdentitySelfAttention` on ``torch.nn.MultiheadAttention`` modules used as
+  self-attention: the output becomes ``out_proj(v_proj(value))`` (each token attends to itself).
+* :class:`~guidekit.perturbations.SkipBlocks` on any module whose output has its first input's shape (a
+  residual block): it returns that input.
+
+Selectors follow :mod:`guidekit.perturbations`: regular expressions searched among the attention modules'
+names, whole names or dotted suffixes for blocks. A selector that matches nothing names what there is.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..branch import Perturbation
+from ..errors import ConfigError
+from ..perturbations import IdentitySelfAttention, SkipBlocks
+
+__all__ = ["KINDS", "applied"]
+
+KINDS = frozenset({IdentitySelfAttention.kind, SkipBlocks.kind})
+"""The perturbation kinds the native backend applies."""
+
+_UNSET: Any = object()
+
+
+def _identity_attention(module: nn.MultiheadAttention) -> Callable[..., tuple[Tensor, None]]:
+    e = module.embed_dim
+
+    def forward(query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
+        weight = module.in_proj_weight[2 * e :] if module._qkv_same_embed_dim else module.v_proj_weight
+        bias = None if module.in_proj_bias is None else module.in_proj_bias[2 * e :]
+        return module.out_proj(F.linear(value, weight, bias)), None
+
+    return forward
+
+
+def _skip(module: nn.Module) -> Callable[..., Tensor]:
+    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return x
+
+    return forward
+
+
+def _select(model: nn.Module, perturbation: Perturbation) -> list[nn.Module]:
+    if isinstance(perturbation, IdentitySelfAttention):
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+        what = "attention (nn.MultiheadAttention) module"
+
+        def match(selector: str, name: str) -> bool:
+            return re.search(selector, name) is not None
+    else:
+        layers = {n: m for n, m in model.named_modules() if n}
+        what = "module"
+
+        def match(selector: str, name: str) -> bool:
+            return name == selector or name.endswith("." + selector)
+
+    chosen: dict[str, nn.Module] = {}
+    for selector in perturbation.layers:
+        hits = {n: m for n, m in layers.items() if match(selector, n)}
+        if not hits:
+            shallow = sorted(n for n in layers if n.count(".") <= 1)  # the blocks, not their sublayers
+            shown = sorted(layers) if len(layers) <= 40 else [*shallow[:60], f"... ({len(layers)} in all)"]
+            raise ConfigError(
+                f"perturbation: layer selector {selector!r} matches no {what} of {type(model).__name__}; its "
+                f"{what}s are {shown}"
+            )
+        chosen.update(hits)
+    return list(chosen.values())
+
+
+@contextmanager
+def applied(model: Any, perturbation: Perturbation | None) -> Iterator[None]:
+    """``model`` (an ``nn.Module``) with ``perturbation`` applied inside the block, restored after."""
+    if perturbation is None:
+        yield
+        return
+    if perturbation.kind not in KINDS:
+        raise ConfigError(f"perturbation: the native backend applies {sorted(KINDS)}, got {perturbation.kind!r}")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model: expected a torch.nn.Module to apply the {perturbation.kind!r} perturbation to, got "
+            f"{type(model).__name__}"
+        )
+    modules = _select(model, perturbation)
+    make = _identity_attention if isinstance(perturbation, IdentitySelfAttention) else _skip
+    saved = [(m, m.__dict__.get("forward", _UNSET)) for m in modules]
+    try:
+        for m in modules:
+            m.forward = make(m)  # type: ignore[method-assign]
+        yield
+    finally:
+        for m, forward in saved:
+            if forward is _UNSET:
+                del m.forward
+            else:
+                m.forward = forward
