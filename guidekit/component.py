@@ -18,7 +18,7 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .registry import Registry
 
-__all__ = ["Component", "ComponentSpec", "to_spec"]
+__all__ = ["Component", "ComponentSpec", "component_fields", "to_spec"]
 
 
 class ComponentSpec(BaseModel):
@@ -55,7 +55,9 @@ def _field_type(cls: type, f: dataclasses.Field[Any]) -> Any:
 
 
 @cache
-def _fields(cls: type) -> tuple[tuple[dataclasses.Field[Any], Any], ...]:
+def component_fields(cls: type) -> tuple[tuple[dataclasses.Field[Any], Any], ...]:
+    """``(field, resolved type)`` of each init field of a component dataclass: its parameters, as specs,
+    pydantic params models and generated UIs (the ComfyUI nodes) read them."""
     return tuple((f, _field_type(cls, f)) for f in dataclasses.fields(cls) if f.init)
 
 
@@ -90,5 +92,5 @@ def to_spec(obj: Any) -> ComponentSpec:
     subclass of a registered class included) or was unregistered since.
     """
     name = _registered_name(type(obj))
-    params = {f.name: _plain(getattr(obj, f.name)) for f, _ in _fields(type(obj))}
+    params = {f.name: _plain(getattr(obj, f.name)) for f, _ in component_fields(type(obj))}
     return ComponentSpec(name=name, params=params)

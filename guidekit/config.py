@@ -19,7 +19,7 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
-from .component import Component, ComponentSpec, _fields, to_spec
+from .component import Component, ComponentSpec, component_fields, to_spec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -58,7 +58,7 @@ def params_model(cls: type) -> type[BaseModel]:
     if not dataclasses.is_dataclass(cls):
         raise ConfigError(f"{cls.__name__}: expected a dataclass component to derive params from")
     fields: dict[str, Any] = {}
-    for f, tp in _fields(cls):
+    for f, tp in component_fields(cls):
         base, is_tuple = _component_base(tp)
         if base is not None:
             spec_tp: Any = tuple[ComponentSpec, ...] if is_tuple else ComponentSpec
@@ -136,7 +136,7 @@ def build(spec: SpecLike, registry: Any = None, *, where: str = "spec") -> Any:
     except TypeError as exc:  # params not JSON-serialisable
         raise ConfigError(f"{where}.params: expected JSON values, got {spec.params!r} ({exc})") from None
     kwargs: dict[str, Any] = {}
-    for f, tp in _fields(cls):
+    for f, tp in component_fields(cls):
         value = getattr(params, f.name)
         base, is_tuple = _component_base(tp)
         if base is not None and value is not None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import _fields
+from ..component import component_fields
 from ..context import GuidanceContext
 from ..errors import GuidekitError
 from ..registry import STRATEGIES
@@ -73,7 +73,7 @@ def _generic(name: str, cls: type) -> Sweep | str:
         return "not a dataclass: its parameters are unknown"
     from ..strategies import CFG
 
-    fields = _fields(cls)
+    fields = component_fields(cls)
     inner = [f.name for f, tp in fields if _is_strategy_type(tp)]
     has_scale = any(f.name == "scale" for f, _ in fields)
     required = [

@@ -57,6 +57,8 @@ class Call:
     latent_arg: str
     cond: slice
     uncond: slice
+    module: Any = None
+    """The denoiser module the call runs (perturbations swap its processors or blocks); ``None`` if unknown."""
 
     @property
     def batch(self) -> int:

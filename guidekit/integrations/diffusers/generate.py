@@ -96,7 +96,7 @@ def _patched(pipe: Any, run: GuidedRun, family: Family, scheduler: Any) -> Itera
     old_scheduler = pipe.scheduler
     try:
         for m in models:
-            interceptor = run.intercept(m.forward)
+            interceptor = run.intercept(m.forward, module=m)
             setattr(interceptor, _INTERCEPTOR, True)
             m.forward = interceptor
         object.__setattr__(pipe, "scheduler", scheduler)  # bypass the pipeline's config bookkeeping

@@ -123,6 +123,8 @@ def applied(model: nn.Module, perturbation: Perturbation | None) -> Iterator[Non
         return
     if perturbation.kind not in KINDS:
         raise ConfigError(f"perturbation: the diffusers backends apply {sorted(KINDS)}, got {perturbation.kind!r}")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model: expected the pipeline's denoiser module to perturb, got {type(model).__name__}")
     modules = resolve(model, perturbation)
     if isinstance(perturbation, SkipBlocks):
         saved = [(m, "forward", m.__dict__.get("forward", _UNSET)) for m in modules]

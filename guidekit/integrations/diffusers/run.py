@@ -93,7 +93,7 @@ class GuidedRun:
         self._step_sigma = 0.0
 
     # -- interception ---------------------------------------------------------------------------------
-    def intercept(self, forward: Callable[..., Any]) -> Callable[..., Any]:
+    def intercept(self, forward: Callable[..., Any], module: Any = None) -> Callable[..., Any]:
         """The function installed as ``denoiser.forward`` for the duration of the pipeline call."""
         latent_arg = self.family.latent_arg
 
@@ -107,7 +107,8 @@ class GuidedRun:
                         f"{latent.shape[0]}"
                     )
                 b = latent.shape[0] // 2
-                g = self.handle(Call(forward, args, kwargs, latent_arg, cond=slice(b, 2 * b), uncond=slice(0, b)))
+                call = Call(forward, args, kwargs, latent_arg, cond=slice(b, 2 * b), uncond=slice(0, b), module=module)
+                g = self.handle(call)
                 return pack(torch.cat([g, g]), return_dict)
             # sequential (Wan): a cond call, then an uncond call; both are answered with g
             if self._pending is None:
@@ -119,7 +120,9 @@ class GuidedRun:
             b = latent.shape[0]
             merged_args = tuple(zip_cat(a, u, b) for a, u in zip(cond_args, args, strict=True))
             merged_kwargs = {k: zip_cat(v, kwargs.get(k), b) for k, v in cond_kwargs.items()}
-            g = self.handle(Call(forward, merged_args, merged_kwargs, latent_arg, slice(0, b), slice(b, 2 * b)))
+            g = self.handle(
+                Call(forward, merged_args, merged_kwargs, latent_arg, slice(0, b), slice(b, 2 * b), module=module)
+            )
             placeholder.copy_(g)
             return pack(g, return_dict)
 
@@ -241,7 +244,7 @@ class PipelineBackend(Backend):
                     f"branches: a pipeline's own call has the conditions 'cond' and 'uncond', got branch {branch!r}"
                 )
         names = {b.condition for b in branches}
-        with applied(call.forward.__self__, branches[0].group[1]):  # type: ignore[attr-defined]
+        with applied(call.module, branches[0].group[1]):
             pred = call.run(None if names == {"cond", "uncond"} else rows[next(iter(names))])
         expected = call.latent()[call.cond].shape
         out = {}

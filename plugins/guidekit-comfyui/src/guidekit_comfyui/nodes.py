@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal, Union
 import annotated_types
 from torch import Tensor
 
-from guidekit.component import _fields  # the resolved dataclass field types that params_model reads
+from guidekit.component import component_fields
 from guidekit.config import build, params_model, to_spec
 from guidekit.errors import ConfigError, GuidekitError
 from guidekit.registry import STRATEGIES
@@ -163,7 +163,7 @@ def _jsonable(value: Any) -> Any:
 
 def _fields_of(cls: type) -> list[_Field]:
     model = params_model(cls)
-    hints = {f.name: tp for f, tp in _fields(cls)}
+    hints = {f.name: tp for f, tp in component_fields(cls)}
     docs = _docstring_args(cls)
     return [
         _field(name, hints.get(name), info.annotation, info.default, list(info.metadata), docs.get(name, ""))
