@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .branch import Perturbation
+from .errors import ConfigError
+from .ops.attention import INFINITE_BLUR
 
-__all__ = ["IdentitySelfAttention", "SkipBlocks"]
+__all__ = ["BlurredQueries", "IdentitySelfAttention", "SkipBlocks"]
 
 
 @dataclass(frozen=True)
@@ -37,3 +39,30 @@ class SkipBlocks(Perturbation):
 
     kind: ClassVar[str] = "skip-blocks"
     layers: tuple[str, ...] = ("transformer_blocks.7", "transformer_blocks.8", "transformer_blocks.9")
+
+
+@dataclass(frozen=True)
+class BlurredQueries(Perturbation):
+    """Blur the self-attention queries of the selected layers with a 2-D Gaussian of ``sigma`` tokens
+    (SEG, Hong, NeurIPS 2024, arXiv 2408.00760): smoother attention, lower "energy".
+
+    ``sigma >= INFINITE`` is the infinite blur: every query becomes the mean query (uniform attention
+    weights). A finite blur needs the square token grid of an image layer (odd kernel of ``ceil(6 sigma) + 1``
+    taps, reflect padding, as the official code).
+    """
+
+    kind: ClassVar[str] = "blurred-queries"
+    INFINITE: ClassVar[float] = INFINITE_BLUR
+    layers: tuple[str, ...] = ("mid",)
+    sigma: float = 9999999.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.sigma, int | float) or isinstance(self.sigma, bool) or not self.sigma > 0:
+            raise ConfigError(
+                f"sigma: expected a positive number (>= {self.INFINITE:g} is infinite), got {self.sigma!r}"
+            )
+
+    @property
+    def infinite(self) -> bool:
+        return self.sigma >= self.INFINITE

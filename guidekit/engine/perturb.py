@@ -4,6 +4,8 @@
   self-attention: the output becomes ``out_proj(v_proj(value))`` (each token attends to itself).
 * :class:`~guidekit.perturbations.SkipBlocks` on any module whose output has its first input's shape (a
   residual block): it returns that input.
+* :class:`~guidekit.perturbations.BlurredQueries` on ``torch.nn.MultiheadAttention``: the query blurred over
+  its tokens before the attention (SEG; a finite blur needs a square token grid).
 
 Selectors follow :mod:`guidekit.perturbations`: regular expressions searched among the attention modules'
 names, whole names or dotted suffixes for blocks. A selector that matches nothing names what there is.
@@ -21,11 +23,12 @@ from torch import Tensor, nn
 
 from ..branch import Perturbation
 from ..errors import ConfigError
-from ..perturbations import IdentitySelfAttention, SkipBlocks
+from ..ops.attention import blur_queries
+from ..perturbations import BlurredQueries, IdentitySelfAttention, SkipBlocks
 
 __all__ = ["KINDS", "applied"]
 
-KINDS = frozenset({IdentitySelfAttention.kind, SkipBlocks.kind})
+KINDS = frozenset({IdentitySelfAttention.kind, SkipBlocks.kind, BlurredQueries.kind})
 """The perturbation kinds the native backend applies."""
 
 _UNSET: Any = object()
@@ -42,6 +45,16 @@ def _identity_attention(module: nn.MultiheadAttention) -> Callable[..., tuple[Te
     return forward
 
 
+def _blurred_query(module: nn.MultiheadAttention, sigma: float) -> Callable[..., Any]:
+    original = module.forward  # the bound class forward
+    token_dim = 1 if module.batch_first else 0
+
+    def forward(query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:
+        return original(blur_queries(query, sigma, token_dim), key, value, *args, **kwargs)
+
+    return forward
+
+
 def _skip(module: nn.Module) -> Callable[..., Tensor]:
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         return x
@@ -50,7 +63,7 @@ def _skip(module: nn.Module) -> Callable[..., Tensor]:
 
 
 def _select(model: nn.Module, perturbation: Perturbation) -> list[nn.Module]:
-    if isinstance(perturbation, IdentitySelfAttention):
+    if isinstance(perturbation, IdentitySelfAttention | BlurredQueries):
         layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
         what = "attention (nn.MultiheadAttention) module"
 
@@ -91,7 +104,13 @@ def applied(model: Any, perturbation: Perturbation | None) -> Iterator[None]:
             f"{type(model).__name__}"
         )
     modules = _select(model, perturbation)
-    make = _identity_attention if isinstance(perturbation, IdentitySelfAttention) else _skip
+    if isinstance(perturbation, BlurredQueries):
+        sigma = perturbation.sigma
+
+        def make(m: nn.Module) -> Callable[..., Any]:
+            return _blurred_query(m, sigma)  # type: ignore[arg-type]
+    else:
+        make = _identity_attention if isinstance(perturbation, IdentitySelfAttention) else _skip  # type: ignore[assignment]
     saved = [(m, m.__dict__.get("forward", _UNSET)) for m in modules]
     try:
         for m in modules:

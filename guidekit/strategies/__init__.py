@@ -24,6 +24,7 @@ from .ramp import Ramp
 from .rescale import Rescale
 from .samg import SAMG
 from .scale_function import ScaleCallable, ScaleFunction
+from .seg import SEG
 from .slg import SLG
 from .tcfg import TCFG
 from .tvcfg import TVCFG
@@ -37,6 +38,7 @@ __all__ = [
     "FDG",
     "PAG",
     "SAMG",
+    "SEG",
     "SLG",
     "TCFG",
     "TVCFG",

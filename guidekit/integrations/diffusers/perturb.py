@@ -13,13 +13,14 @@ from torch import Tensor, nn
 
 from ...branch import Perturbation
 from ...errors import ConfigError
-from ...perturbations import IdentitySelfAttention, SkipBlocks
+from ...ops.attention import blur_queries
+from ...perturbations import BlurredQueries, IdentitySelfAttention, SkipBlocks
 
 __all__ = ["KINDS", "IdentityAttnProcessor", "applied", "self_attention_layers"]
 
 _UNSET: Any = object()
 
-KINDS = frozenset({IdentitySelfAttention.kind, SkipBlocks.kind})
+KINDS = frozenset({IdentitySelfAttention.kind, SkipBlocks.kind, BlurredQueries.kind})
 """The perturbation kinds the diffusers backends apply."""
 
 
@@ -66,6 +67,13 @@ def _is_block(module: nn.Module) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _blurred(to_q: Any, sigma: float) -> Any:
+    def forward(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return blur_queries(to_q(hidden_states, *args, **kwargs), sigma)
+
+    return forward
 
 
 def _skipped(block: nn.Module) -> Any:
@@ -126,7 +134,11 @@ def applied(model: nn.Module, perturbation: Perturbation | None) -> Iterator[Non
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model: expected the pipeline's denoiser module to perturb, got {type(model).__name__}")
     modules = resolve(model, perturbation)
-    if isinstance(perturbation, SkipBlocks):
+    if isinstance(perturbation, BlurredQueries):  # the query projection's output blurred (SEG)
+        modules = [m.to_q for m in modules]
+        saved = [(m, "forward", m.__dict__.get("forward", _UNSET)) for m in modules]
+        replacements = [_blurred(m.forward, perturbation.sigma) for m in modules]
+    elif isinstance(perturbation, SkipBlocks):
         saved = [(m, "forward", m.__dict__.get("forward", _UNSET)) for m in modules]
         replacements = [_skipped(m) for m in modules]
     else:
