@@ -26,6 +26,7 @@ from .samg import SAMG
 from .scale_function import ScaleCallable, ScaleFunction
 from .seg import SEG
 from .slg import SLG
+from .stg import STG
 from .tcfg import TCFG
 from .tvcfg import TVCFG
 
@@ -40,6 +41,7 @@ __all__ = [
     "SAMG",
     "SEG",
     "SLG",
+    "STG",
     "TCFG",
     "TVCFG",
     "AdaptiveGuidance",
