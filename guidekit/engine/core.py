@@ -22,7 +22,6 @@ guider (:mod:`guidekit.integrations.diffusers`). None of them keeps its own copy
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 from collections.abc import Mapping
@@ -44,9 +43,8 @@ __all__ = ["Engine", "Evaluation", "Pending", "Position", "StepRecord"]
 _UNSET: Any = object()
 
 
-@dataclass(frozen=True)
-class Position:
-    """Where an evaluation sits in its run.
+class Position(NamedTuple):
+    """Where an evaluation sits in its run (a named tuple: built once per evaluation, cheaply).
 
     Attributes:
         step, num_steps: the sampler step and the number of steps.
@@ -103,6 +101,15 @@ class _StepLog:
     scales: tuple[float, float, float] | None = None
     scale_map: Tensor | None = None
     branches: tuple[str, ...] = ()
+
+
+class _PlanFacts(NamedTuple):
+    """What the engine derives from a plan, once per distinct plan."""
+
+    groups: list[list[Branch]]
+    names: tuple[str, ...]
+    beyond_cond: bool
+    graph: bool
 
 
 class Pending(NamedTuple):
@@ -181,7 +188,8 @@ class Engine:
         self._native = backend.prediction("main")
         self._coupled = strategy.sampler_coupled
         self._lock = threading.Lock()
-        self._checked: set[Plan] = set()
+        self._facts: dict[Plan, _PlanFacts] = {}
+        self._last_plan: tuple[Plan, _PlanFacts] | None = None
         self._sigmas: tuple[Tensor | None, Tensor | None] = (None, None)
         self._reset()
 
@@ -251,15 +259,12 @@ class Engine:
         state = self._state if self._state is not _UNSET else self.strategy.init_state(_placeholder(sigma))
         ctx = self._context(x, sigma, position, device, dtype)
         plan = self.strategy.branches(ctx, state)
-        if plan not in self._checked:
-            for branch in plan:
-                self.backend.check_branch(branch)
-            self._checked.add(plan)
-        if x is not None and any(b.grad for b in plan):  # loss guidance: predictions with a graph to x
+        facts = self._plan_facts(plan)
+        if x is not None and facts.graph:  # loss guidance: predictions with a graph to x
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
                 ctx = ctx.replace(x=x_for_space(x, sigma, self.space))
-        elif x is None and any(b.grad for b in plan):
+        elif x is None and facts.graph:
             raise ConfigError(
                 f"strategy: {type(self.strategy).__name__} differentiates through the model, which needs the "
                 "noisy sample; this backend never shows it (use guidekit.sample or generate)"
@@ -283,6 +288,25 @@ class Engine:
             step_sigma=position.step_sigma,
         )
 
+    def _plan_facts(self, plan: Plan) -> _PlanFacts:
+        """The plan's groups and branch names, checked against the backend once per distinct plan (the last
+        plan is recognised by identity: strategies hand back the same tuple step after step)."""
+        last = self._last_plan
+        if last is not None and last[0] is plan:
+            return last[1]
+        facts = self._facts.get(plan)
+        if facts is None:
+            for branch in plan:
+                self.backend.check_branch(branch)
+            facts = self._facts[plan] = _PlanFacts(
+                list(groups(plan).values()),
+                tuple(b.name for b in plan),
+                any(b.name != "cond" for b in plan),
+                any(b.grad for b in plan),
+            )
+        self._last_plan = (plan, facts)
+        return facts
+
     def _sigmas_as(self, sigmas: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
         """The schedule in the compute dtype, converted once per run (the sampler hands the same tensor)."""
         source, converted = self._sigmas
@@ -295,7 +319,7 @@ class Engine:
         """The plan's forwards through the backend: one batched call per ``(model, perturbation)`` group."""
         if pending.x is None:
             raise ConfigError("x: expected the noisy sample to run the backend, got None")
-        grouped = list(groups(pending.plan).values())
+        grouped = self._plan_facts(pending.plan).groups
         self.forwards += len(grouped)
         if not pending.x.requires_grad:
             return self.backend.forward_plan(pending.x, pending.sigma, grouped, self.conditions)
@@ -319,12 +343,13 @@ class Engine:
         if self._state is _UNSET and like is not None:
             state = self._state = self.strategy.init_state(like)
         graph = x is not None and x.requires_grad
-        with torch.enable_grad() if graph else contextlib.nullcontext():
-            preds = {b.name: self._to_space(native[b.name], b, x, sigma) for b in plan}
-            if x is None and preds and ctx.sigma.dtype != compute_dtype(like):  # type: ignore[arg-type]
-                ctx = ctx.replace(sigma=ctx.sigma.to(compute_dtype(like)))  # type: ignore[arg-type]
-            guided, new_state = self.strategy.step_branches(preds, ctx, state)
-            renoise = self.strategy.renoise_prediction(preds, ctx, state) if self._coupled else None
+        if x is None and native and ctx.sigma.dtype != compute_dtype(like):  # type: ignore[arg-type]
+            ctx = ctx.replace(sigma=ctx.sigma.to(compute_dtype(like)))  # type: ignore[arg-type]
+        if graph:
+            with torch.enable_grad():
+                preds, guided, new_state, renoise = self._combine(plan, native, ctx, state, x, sigma)
+        else:
+            preds, guided, new_state, renoise = self._combine(plan, native, ctx, state, x, sigma)
         if graph:  # nothing that leaves the evaluation keeps the graph
             x, guided, new_state = x.detach(), guided.detach(), detach_tree(new_state)
             renoise = None if renoise is None else renoise.detach()
@@ -336,6 +361,20 @@ class Engine:
             self._from_space(guided, x, ctx.sigma),
             None if renoise is None or x is None else convert(renoise, self.space, "eps", x, ctx.sigma),
         )
+
+    def _combine(
+        self,
+        plan: Plan,
+        native: Mapping[str, Tensor],
+        ctx: GuidanceContext,
+        state: Any,
+        x: Tensor | None,
+        sigma: Tensor,
+    ) -> tuple[dict[str, Tensor], Tensor, Any, Tensor | None]:
+        preds = {b.name: self._to_space(native[b.name], b, x, sigma) for b in plan}
+        guided, new_state = self.strategy.step_branches(preds, ctx, state)
+        renoise = self.strategy.renoise_prediction(preds, ctx, state) if self._coupled else None
+        return preds, guided, new_state, renoise
 
     # -- conversions -------------------------------------------------------------------------------
     def _to_space(self, pred: Tensor, branch: Branch, x: Tensor | None, sigma: Tensor) -> Tensor:
@@ -377,11 +416,13 @@ class Engine:
     def _record(self, pending: Pending, preds: Mapping[str, Tensor]) -> None:
         ctx, plan = pending.ctx, pending.plan
         log = self._log[ctx.step]
+        facts = self._plan_facts(plan)
         self.nfe += len(plan)
         log.nfe = self.nfe
         log.model_called |= bool(plan)
-        log.uncond_used |= any(b.name != "cond" for b in plan)
-        log.branches = tuple(dict.fromkeys((*log.branches, *(b.name for b in plan))))
+        log.uncond_used |= facts.beyond_cond
+        if log.branches != facts.names:
+            log.branches = tuple(dict.fromkeys((*log.branches, *facts.names)))
         if ctx.substep == 0 and self.record_scales and "uncond" in preds and "cond" in preds:
             scale = self.strategy.scale_map(preds["cond"], preds["uncond"], ctx)
             if scale is not None:
