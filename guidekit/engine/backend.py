@@ -104,6 +104,7 @@ class NativeBackend(Backend):
         self._names = frozenset(self._models)
         self.allow_nonfinite = allow_nonfinite
         self._cache: dict[tuple[tuple[str, ...], int], tuple[Mapping[str, Any], Any]] = {}
+        self._last: tuple[Sequence[Branch], Mapping[str, Any], int, Any] | None = None
 
     def models(self) -> frozenset[str]:
         return self._names
@@ -119,27 +120,42 @@ class NativeBackend(Backend):
         self, x: Tensor, sigma: Tensor, branches: Sequence[Branch], conditions: Mapping[str, Any]
     ) -> dict[str, Tensor]:
         model = self._models[branches[0].model]
-        b, k = x.shape[0], len(branches)
-        batched = self._batched(conditions, branches, b)
+        batched = self._batched(conditions, branches, x.shape[0])
         kw = {"allow_nonfinite": self.allow_nonfinite}
-        with applied(model.model, branches[0].group[1]):
-            if k == 1:
-                return {branches[0].name: model.predict(x, sigma, batched, **kw)}
-            pred = model.predict(torch.cat([x] * k), torch.cat([sigma] * k), batched, **kw)
-        return {br.name: pred[i * b : (i + 1) * b] for i, br in enumerate(branches)}
+        perturbation = branches[0].group[1]
+        if perturbation is None:
+            return self._predict(model, x, sigma, branches, batched, kw)
+        with applied(model.model, perturbation):
+            return self._predict(model, x, sigma, branches, batched, kw)
+
+    @staticmethod
+    def _predict(
+        model: ModelAdapter, x: Tensor, sigma: Tensor, branches: Sequence[Branch], batched: Any, kw: dict[str, Any]
+    ) -> dict[str, Tensor]:
+        """One call of ``model`` on ``[x; x; ...]`` for the group's branches, split per branch."""
+        k, b = len(branches), x.shape[0]
+        if k == 1:
+            return {branches[0].name: model.predict(x, sigma, batched, **kw)}
+        pred = model.predict(torch.cat([x] * k), torch.cat([sigma] * k), batched, **kw)
+        return dict(zip((br.name for br in branches), pred.split(b), strict=True))
 
     def _batched(self, conditions: Mapping[str, Any], branches: Sequence[Branch], batch: int) -> Any:
         """The group's conditions concatenated along the batch, built once per run and group (they do not
         change between evaluations; the cache holds the conditions it was built from)."""
+        last = self._last
+        if last is not None and last[0] is branches and last[1] is conditions and last[2] == batch:
+            return last[3]  # the engine hands the same group list evaluation after evaluation
         key = (tuple(b.condition for b in branches), batch)
         hit = self._cache.get(key)
         if hit is not None and hit[0] is conditions:
-            return hit[1]
-        conds = [_condition(conditions, br, batch) for br in branches]
-        both = conds[0]
-        for br, cond in zip(branches[1:], conds[1:], strict=True):
-            both = concat_cond(both, cond, br.condition)
-        self._cache[key] = (conditions, both)
+            both = hit[1]
+        else:
+            conds = [_condition(conditions, br, batch) for br in branches]
+            both = conds[0]
+            for br, cond in zip(branches[1:], conds[1:], strict=True):
+                both = concat_cond(both, cond, br.condition)
+            self._cache[key] = (conditions, both)
+        self._last = (branches, conditions, batch, both)
         return both
 
 

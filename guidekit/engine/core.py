@@ -190,6 +190,7 @@ class Engine:
         self._lock = threading.Lock()
         self._facts: dict[Plan, _PlanFacts] = {}
         self._last_plan: tuple[Plan, _PlanFacts] | None = None
+        self._next: tuple[tuple[float, int, torch.dtype, torch.device], Tensor] | None = None
         self._sigmas: tuple[Tensor | None, Tensor | None] = (None, None)
         self._reset()
 
@@ -281,7 +282,7 @@ class Engine:
             num_steps=position.num_steps,
             substep=position.substep,
             sigmas=None if sigmas is None else self._sigmas_as(sigmas, device, dtype),
-            sigma_next=None if nxt is None else torch.full((b,), nxt, dtype=dtype, device=device),
+            sigma_next=None if nxt is None else self._full(nxt, b, dtype, device),
             space=self.space,
             x=None if x is None or self.space is None else x_for_space(x, sigma, self.space),
             allow_nonfinite=self.allow_nonfinite,
@@ -306,6 +307,15 @@ class Engine:
             )
         self._last_plan = (plan, facts)
         return facts
+
+    def _full(self, value: float, b: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``(b,)`` of ``value`` (the next sigma), made once per distinct value: a step's evaluations share it."""
+        last = self._next
+        if last is not None and last[0] == (value, b, dtype, device):
+            return last[1]
+        out = torch.full((b,), value, dtype=dtype, device=device)
+        self._next = ((value, b, dtype, device), out)
+        return out
 
     def _sigmas_as(self, sigmas: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
         """The schedule in the compute dtype, converted once per run (the sampler hands the same tensor)."""
@@ -378,7 +388,7 @@ class Engine:
 
     # -- conversions -------------------------------------------------------------------------------
     def _to_space(self, pred: Tensor, branch: Branch, x: Tensor | None, sigma: Tensor) -> Tensor:
-        src = self.backend.prediction(branch.model)
+        src = self._native if branch.model == "main" else self.backend.prediction(branch.model)
         if src == self.space:
             return pred
         if x is None:

@@ -43,10 +43,12 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 
 def all_finite(x: Tensor) -> bool:
-    """Whether ``x`` holds no NaN/Inf: one float32 sum first (any NaN/Inf makes it non-finite), and the
-    exact element-wise test only when the sum is not finite (a finite tensor whose sum overflows), so the
-    fast path has no false alarms."""
-    return bool(torch.isfinite(x.sum(dtype=torch.float32))) or bool(torch.isfinite(x).all())
+    """Whether ``x`` holds no NaN/Inf: one sum read back as a Python float first (any NaN/Inf makes it
+    non-finite; float32 and float64 sum in their own dtype, half precisions in float32 so that finite values
+    cannot overflow), and the exact element-wise test only when the sum is not finite (a finite tensor whose
+    sum overflows), so the fast path has no false alarms."""
+    total = x.sum() if x.dtype in (torch.float32, torch.float64) else x.sum(dtype=torch.float32)
+    return math.isfinite(total.item()) or bool(torch.isfinite(x).all())
 
 
 def check_finite(x: Tensor, name: str) -> None:

@@ -33,6 +33,9 @@ from ..registry import STRATEGIES
 
 __all__ = ["Combinator", "GuidanceStrategy", "Predictions", "nested_strategies"]
 
+_BOTH: Plan = (COND, UNCOND)
+_COND_ONLY: Plan = (COND,)  # the same tuples every evaluation: the engine recognises a plan by identity
+
 Predictions = Mapping[str, Tensor]
 """``{branch name: prediction}`` in the strategy's space, as the engine hands them to a strategy."""
 
@@ -74,7 +77,7 @@ class GuidanceStrategy(Component, ABC):
     def branches(self, ctx: GuidanceContext, state: Any) -> Plan:
         """The network evaluations this evaluation needs: ``(COND, UNCOND)``, ``(COND,)`` when the
         unconditional prediction is not needed, ``()`` when the network is not needed at all."""
-        return (COND, UNCOND) if self.needs_uncond_state(ctx, state) else (COND,)
+        return _BOTH if self.needs_uncond_state(ctx, state) else _COND_ONLY
 
     def models(self) -> frozenset[str]:
         """The models this strategy's plans may name (``"main"``; AutoGuidance adds ``"weak"``)."""
