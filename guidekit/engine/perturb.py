@@ -14,7 +14,7 @@ names, whole names or dotted suffixes for blocks. A selector that matches nothin
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..ops.attention import blur_queries
 from ..perturbations import BlurredQueries, IdentitySelfAttention, SkipBlocks
 
-__all__ = ["KINDS", "applied"]
+__all__ = ["KINDS", "applied", "swapped"]
 
 KINDS = frozenset({IdentitySelfAttention.kind, SkipBlocks.kind, BlurredQueries.kind})
 """The perturbation kinds the native backend applies."""
@@ -111,14 +111,22 @@ def applied(model: Any, perturbation: Perturbation | None) -> Iterator[None]:
             return _blurred_query(m, sigma)  # type: ignore[arg-type]
     else:
         make = _identity_attention if isinstance(perturbation, IdentitySelfAttention) else _skip  # type: ignore[assignment]
-    saved = [(m, m.__dict__.get("forward", _UNSET)) for m in modules]
+    with swapped([(m, "forward", make(m)) for m in modules]):
+        yield
+
+
+@contextmanager
+def swapped(changes: Sequence[tuple[Any, str, Any]]) -> Iterator[None]:
+    """``obj.attr = value`` for each change inside the block; after it, the previous instance attribute is
+    put back (or the instance attribute deleted, so the class's shows again), whatever happened inside."""
+    saved = [(obj, attr, obj.__dict__.get(attr, _UNSET)) for obj, attr, _ in changes]
     try:
-        for m in modules:
-            m.forward = make(m)  # type: ignore[method-assign]
+        for obj, attr, value in changes:
+            setattr(obj, attr, value)
         yield
     finally:
-        for m, forward in saved:
-            if forward is _UNSET:
-                del m.forward
+        for obj, attr, value in saved:
+            if value is _UNSET:
+                delattr(obj, attr)
             else:
-                m.forward = forward
+                setattr(obj, attr, value)

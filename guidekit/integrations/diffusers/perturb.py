@@ -12,13 +12,12 @@ from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
 from ...branch import Perturbation
+from ...engine.perturb import swapped
 from ...errors import ConfigError
 from ...ops.attention import blur_queries
 from ...perturbations import BlurredQueries, IdentitySelfAttention, SkipBlocks
 
 __all__ = ["KINDS", "IdentityAttnProcessor", "applied", "self_attention_layers"]
-
-_UNSET: Any = object()
 
 KINDS = frozenset({IdentitySelfAttention.kind, SkipBlocks.kind, BlurredQueries.kind})
 """The perturbation kinds the diffusers backends apply."""
@@ -135,22 +134,10 @@ def applied(model: nn.Module, perturbation: Perturbation | None) -> Iterator[Non
         raise ConfigError(f"model: expected the pipeline's denoiser module to perturb, got {type(model).__name__}")
     modules = resolve(model, perturbation)
     if isinstance(perturbation, BlurredQueries):  # the query projection's output blurred (SEG)
-        modules = [m.to_q for m in modules]
-        saved = [(m, "forward", m.__dict__.get("forward", _UNSET)) for m in modules]
-        replacements = [_blurred(m.forward, perturbation.sigma) for m in modules]
+        changes = [(m.to_q, "forward", _blurred(m.to_q.forward, perturbation.sigma)) for m in modules]
     elif isinstance(perturbation, SkipBlocks):
-        saved = [(m, "forward", m.__dict__.get("forward", _UNSET)) for m in modules]
-        replacements = [_skipped(m) for m in modules]
-    else:
-        saved = [(m, "processor", m.processor) for m in modules]
-        replacements = [IdentityAttnProcessor() for _ in modules]  # an attribute: set_processor logs, pops hooks
-    try:
-        for m, value in zip(modules, replacements, strict=True):
-            setattr(m, saved[0][1], value)
+        changes = [(m, "forward", _skipped(m)) for m in modules]
+    else:  # an instance attribute: set_processor would log and pop hooks
+        changes = [(m, "processor", IdentityAttnProcessor()) for m in modules]
+    with swapped(changes):
         yield
-    finally:
-        for m, attr, value in saved:
-            if value is _UNSET:
-                delattr(m, attr)
-            else:
-                setattr(m, attr, value)
