@@ -48,6 +48,7 @@ class GuidedDenoiser:
         allow_nonfinite: bool = False,
         record_scales: bool = False,
         record_scale_maps: bool = False,
+        max_batch: int | None = None,
     ) -> None:
         models = {"main": model} if weak_model is None else {"main": model, "weak": weak_model}
         backend = NativeBackend(models, allow_nonfinite=allow_nonfinite)
@@ -58,6 +59,7 @@ class GuidedDenoiser:
             allow_nonfinite=allow_nonfinite,
             record_scales=record_scales,
             record_scale_maps=record_scale_maps,
+            max_batch=max_batch,
         )
         self.model, self.weak_model, self.strategy = model, weak_model, strategy
         self._schedule: tuple[Tensor, list[float]] | None = None
@@ -108,6 +110,7 @@ def guided(
     allow_nonfinite: bool = False,
     record_scales: bool = False,
     record_scale_maps: bool = False,
+    max_batch: int | None = None,
 ) -> GuidedDenoiser:
     """A denoiser for any sampler that guides ``model`` with ``strategy`` (one run: build a new one per run).
 
@@ -122,6 +125,8 @@ def guided(
         allow_nonfinite: let NaN/Inf predictions through instead of raising ``NonFiniteError``.
         record_scales: compute ``strategy.scale_map`` statistics for the step records (costs one call).
         record_scale_maps: also keep the maps.
+        max_batch: the most rows one forward may take, for memory (``[cond; uncond; perturbed]`` of batch
+            ``b`` with ``max_batch = 2b`` runs as two forwards; NFE is unchanged).
     """
     return GuidedDenoiser(
         model,
@@ -133,6 +138,7 @@ def guided(
         allow_nonfinite=allow_nonfinite,
         record_scales=record_scales,
         record_scale_maps=record_scale_maps,
+        max_batch=max_batch,
     )
 
 
@@ -181,6 +187,7 @@ def sample(
     record_scale_maps: bool = False,
     allow_nonfinite: bool = False,
     sampler_options: Mapping[str, Any] | None = None,
+    max_batch: int | None = None,
 ) -> Tensor:
     """Sample from ``model`` with guidance, in one call. Returns the clean sample in the model's layout.
 
@@ -204,6 +211,7 @@ def sample(
         record_scale_maps: put ``strategy.scale_map`` into the records.
         allow_nonfinite: let NaN/Inf predictions through.
         sampler_options: extra keyword arguments of the sampler (``eta``, ``s_churn``, ...).
+        max_batch: the most rows one network forward may take (see :func:`guided`).
     """
     if isinstance(model, ModelAdapter) and layout is not None and layout != model.layout:
         raise ConfigError(f"layout: expected the adapter's layout {model.layout!r} (or None), got {layout!r}")
@@ -233,6 +241,7 @@ def sample(
         allow_nonfinite=allow_nonfinite,
         record_scales=callback is not None,
         record_scale_maps=record_scale_maps,
+        max_batch=max_batch,
     )
     x = adapter.initial_x(x_T, sigmas[0])
     from tqdm.auto import tqdm

@@ -359,3 +359,22 @@ def test_flow_and_vp_models_share_the_engine():
     for adapter in (FlowModel(GM.as_model("flow")), VPModel(GM.as_model("v"), prediction="v")):
         den = gk.guided(adapter, gk.APG(scale=3.0), LABELS, UNCONDS)
         assert den.space == "x0" and den.engine.backend.prediction("main") == adapter.prediction
+
+
+# -- memory: max_batch ---------------------------------------------------------------------------------------
+def test_max_batch_splits_a_plan_into_smaller_forwards_with_the_same_result_and_nfe():
+    negatives = torch.tensor([2, 0, 1])
+    runs = {}
+    for max_batch in (None, 6, 3):
+        model = Counting(GM.as_model("edm"))
+        den = gk.guided(EDMModel(model), AwayFromNegative(), LABELS, UNCONDS, conditions={"negative": negatives},
+                        max_batch=max_batch)  # fmt: skip
+        runs[max_batch] = (sample_euler(den, EDMModel(model).initial_x(x_T(), SIGMAS[0]), SIGMAS), den, model)
+    (full, den_full, m_full), (two, den_two, m_two), (one, den_one, m_one) = runs.values()
+    assert den_full.nfe == den_two.nfe == den_one.nfe == 18
+    assert (m_full.calls, m_two.calls, m_one.calls) == (6, 12, 18)  # 3 branches: 1, 2 and 3 forwards a step
+    assert torch.allclose(full, two, atol=1e-12) and torch.allclose(full, one, atol=1e-12)
+    with pytest.raises(gk.ConfigError, match=r"max_batch: expected at least the batch size \(3 rows"):
+        sample_euler(gk.guided(EDMModel(GM.as_model("edm")), gk.CFG(3.0), LABELS, UNCONDS, max_batch=2), x_T(), SIGMAS)
+    with pytest.raises(gk.ConfigError, match="max_batch: expected None or an integer >= 1"):
+        gk.guided(EDMModel(GM.as_model("edm")), gk.CFG(3.0), LABELS, UNCONDS, max_batch=0)

@@ -145,6 +145,8 @@ class Engine:
             model's own prediction (a pipeline's scheduler consumes it).
         allow_nonfinite: let NaN/Inf through instead of raising :class:`~guidekit.errors.NonFiniteError`.
         record_scales, record_scale_maps: put ``strategy.scale_map`` statistics (and maps) in the records.
+        max_batch: the most rows one forward may take (memory): a group of ``k`` branches on a batch of
+            ``b`` runs as forwards of ``max_batch // b`` branches; NFE is unchanged, ``forwards`` grows.
     """
 
     def __init__(
@@ -157,7 +159,11 @@ class Engine:
         allow_nonfinite: bool = False,
         record_scales: bool = False,
         record_scale_maps: bool = False,
+        max_batch: int | None = None,
     ) -> None:
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+            raise ConfigError(f"max_batch: expected None or an integer >= 1 (rows per forward), got {max_batch!r}")
+        self.max_batch = max_batch
         if not isinstance(strategy, GuidanceStrategy):
             raise ConfigError(f"strategy: expected a GuidanceStrategy, got {type(strategy).__name__}")
         if output not in ("x0", "native"):
@@ -330,6 +336,8 @@ class Engine:
         if pending.x is None:
             raise ConfigError("x: expected the noisy sample to run the backend, got None")
         grouped = self._plan_facts(pending.plan).groups
+        if self.max_batch is not None:
+            grouped = self._split(grouped, pending.x.shape[0])
         self.forwards += len(grouped)
         if not pending.x.requires_grad:
             return self.backend.forward_plan(pending.x, pending.sigma, grouped, self.conditions)
@@ -342,6 +350,17 @@ class Engine:
             with torch.no_grad():
                 preds.update(self.backend.forward_plan(pending.x.detach(), pending.sigma, plain, self.conditions))
         return preds
+
+    def _split(self, grouped: list[list[Branch]], batch: int) -> list[list[Branch]]:
+        """Groups cut into forwards of at most ``max_batch`` rows (whole branches of ``batch`` rows each)."""
+        assert self.max_batch is not None
+        per = self.max_batch // batch
+        if per < 1:
+            raise ConfigError(
+                f"max_batch: expected at least the batch size ({batch} rows, one branch per forward), got "
+                f"{self.max_batch}"
+            )
+        return [group[i : i + per] for group in grouped for i in range(0, len(group), per)]
 
     def complete(self, pending: Pending, native: Mapping[str, Tensor]) -> Evaluation:
         """Convert the plan's predictions, combine, commit the state and record (after the forwards)."""
