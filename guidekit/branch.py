@@ -13,11 +13,14 @@ the backends import it, it imports none of them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from .errors import ConfigError
+
+T = TypeVar("T")
 
 __all__ = ["COND", "UNCOND", "Branch", "NoPerturbation", "Perturbation", "Plan", "merge_plans"]
 
@@ -40,6 +43,31 @@ class Perturbation:
     def __post_init__(self) -> None:
         if not isinstance(self.layers, tuple) or not all(isinstance(x, str) for x in self.layers):
             raise ConfigError(f"layers: expected a tuple of layer names or patterns, got {self.layers!r}")
+
+    def matches(self, selector: str, name: str) -> bool:
+        """Whether ``selector`` picks the module called ``name``: a regular-expression search, less
+        diffusers' "fake integral match" (``pag_applied_layers``), so every backend reads a selector alike."""
+        if re.search(selector, name) is None:
+            return False
+        last, own = selector.split(".")[-1], name.split(".")[-1]
+        return not (last.isnumeric() and own.isnumeric() and last == own)
+
+    def select(self, candidates: Mapping[str, T], what: str, owner: str) -> list[T]:
+        """The candidates (``{module name: module}``) the ``layers`` selectors pick, in one list without
+        repeats; a selector that picks none is refused, naming the ``what``s of ``owner`` there are."""
+        chosen: dict[str, T] = {}
+        for selector in self.layers:
+            hits = {n: m for n, m in candidates.items() if self.matches(selector, n)}
+            if not hits:
+                shallow = sorted(n for n in candidates if n.count(".") <= 1)  # the blocks, not their sublayers
+                shown = (
+                    sorted(candidates) if len(candidates) <= 40 else [*shallow[:60], f"... ({len(candidates)} in all)"]
+                )
+                raise ConfigError(
+                    f"perturbation: layer selector {selector!r} matches no {what} of {owner}; its {what}s are {shown}"
+                )
+            chosen.update(hits)
+        return list(chosen.values())
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,10 @@ class SkipBlocks(Perturbation):
     kind: ClassVar[str] = "skip-blocks"
     layers: tuple[str, ...] = ("transformer_blocks.7", "transformer_blocks.8", "transformer_blocks.9")
 
+    def matches(self, selector: str, name: str) -> bool:
+        """A block is named whole or by a dotted suffix (``transformer_blocks.7`` is never ``...blocks.17``)."""
+        return name == selector or name.endswith("." + selector)
+
 
 @dataclass(frozen=True)
 class BlurredQueries(Perturbation):

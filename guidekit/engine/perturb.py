@@ -13,7 +13,6 @@ names, whole names or dotted suffixes for blocks. A selector that matches nothin
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -65,29 +64,9 @@ def _skip(module: nn.Module) -> Callable[..., Tensor]:
 def _select(model: nn.Module, perturbation: Perturbation) -> list[nn.Module]:
     if isinstance(perturbation, IdentitySelfAttention | BlurredQueries):
         layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
-        what = "attention (nn.MultiheadAttention) module"
-
-        def match(selector: str, name: str) -> bool:
-            return re.search(selector, name) is not None
-    else:
-        layers = {n: m for n, m in model.named_modules() if n}
-        what = "module"
-
-        def match(selector: str, name: str) -> bool:
-            return name == selector or name.endswith("." + selector)
-
-    chosen: dict[str, nn.Module] = {}
-    for selector in perturbation.layers:
-        hits = {n: m for n, m in layers.items() if match(selector, n)}
-        if not hits:
-            shallow = sorted(n for n in layers if n.count(".") <= 1)  # the blocks, not their sublayers
-            shown = sorted(layers) if len(layers) <= 40 else [*shallow[:60], f"... ({len(layers)} in all)"]
-            raise ConfigError(
-                f"perturbation: layer selector {selector!r} matches no {what} of {type(model).__name__}; its "
-                f"{what}s are {shown}"
-            )
-        chosen.update(hits)
-    return list(chosen.values())
+        return perturbation.select(layers, "attention (nn.MultiheadAttention) module", type(model).__name__)
+    layers = {n: m for n, m in model.named_modules() if n}
+    return perturbation.select(layers, "module", type(model).__name__)
 
 
 @contextmanager

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,35 +27,12 @@ def self_attention_layers(model: nn.Module) -> dict[str, Attention]:
     return {n: m for n, m in model.named_modules() if isinstance(m, Attention) and not m.is_cross_attention}
 
 
-def _matches(selector: str, name: str) -> bool:
-    """diffusers' PAG rule (``pag_utils._set_pag_attn_processor``), kept for parity: a regex search, less
-    its "fake integral match" exclusion."""
-    if re.search(selector, name) is None:
-        return False
-    last, own = selector.split(".")[-1], name.split(".")[-1]
-    return not (last.isnumeric() and own.isnumeric() and last == own)
-
-
 def resolve(model: nn.Module, perturbation: Perturbation) -> list[nn.Module]:
-    """The modules ``perturbation.layers`` selects, refused by name when a selector matches none."""
+    """The modules ``perturbation.layers`` selects (:meth:`~guidekit.branch.Perturbation.select`)."""
     if isinstance(perturbation, SkipBlocks):
-        layers: dict[str, nn.Module] = {n: m for n, m in model.named_modules() if n and _is_block(m)}
-        what = "transformer block"
-
-        def match(selector: str, name: str) -> bool:
-            return name == selector or name.endswith("." + selector)
-    else:
-        layers, what, match = dict(self_attention_layers(model)), "self-attention layer", _matches
-    chosen: dict[str, nn.Module] = {}
-    for selector in perturbation.layers:
-        hits = {n: m for n, m in layers.items() if match(selector, n)}
-        if not hits:
-            raise ConfigError(
-                f"perturbation: layer selector {selector!r} matches no {what} of {type(model).__name__}; its "
-                f"{what}s are {sorted(layers)}"
-            )
-        chosen.update(hits)
-    return list(chosen.values())
+        blocks = {n: m for n, m in model.named_modules() if n and _is_block(m)}
+        return perturbation.select(blocks, "transformer block", type(model).__name__)
+    return perturbation.select(self_attention_layers(model), "self-attention layer", type(model).__name__)
 
 
 def _is_block(module: nn.Module) -> bool:
