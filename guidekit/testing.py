@@ -556,6 +556,12 @@ def check_plan(s: GuidanceStrategy, ex: Example) -> str | None:
         unknown = {b.model for b in plan} - s.models()
         if unknown:
             return f"branches() used models {sorted(unknown)} that models() = {sorted(s.models())} does not declare"
+        kinds = {b.perturbation.kind for b in plan if b.perturbation is not None} - s.perturbations()
+        if kinds:
+            return (
+                f"branches() used perturbations {sorted(kinds)} that perturbations() = "
+                f"{sorted(s.perturbations())} does not declare"
+            )
         try:
             out, _ = s.step_branches(_plan_predictions(plan, c, u), ctx, state)
         except KeyError as exc:

@@ -189,6 +189,14 @@ class InPlaceOnAView(_Base):
 
 
 @dataclass(frozen=True)
+class UndeclaredPerturbation(_Base):
+    """Plans a perturbed forward that ``perturbations()`` does not declare (a backend could not refuse it early)."""
+
+    def branches(self, ctx: gk.GuidanceContext, state: Any) -> tuple[gk.Branch, ...]:
+        return (gk.COND, gk.UNCOND, gk.Branch("perturbed", perturbation=gk.perturbations.SkipBlocks(("x",))))
+
+
+@dataclass(frozen=True)
 class DoublesScale(_Base):
     """Its __post_init__ rewrites a parameter, so build(to_spec(s)) != s."""
 
@@ -214,6 +222,7 @@ class DoublesScale(_Base):
         (ModifiesInput(), "call_matches_step"),
         (DetachesScale(), "gradients"),
         (InPlaceOnAView(), "gradients"),
+        (UndeclaredPerturbation(), "plan"),
     ],
     ids=lambda v: type(v).__name__ if not isinstance(v, str) else v,
 )

@@ -56,12 +56,6 @@ def registered() -> list[str]:
     return gk.strategies.names()
 
 
-def perturbs(s: gk.GuidanceStrategy) -> bool:
-    """Whether the strategy's example plans a perturbed forward (the native backend applies none yet)."""
-    ctx = gk.GuidanceContext.default(torch.zeros(1, 1, 1, 1))
-    return any(b.perturbation is not None for b in s.branches(ctx, s.init_state(torch.zeros(1, 1, 1, 1))))
-
-
 def cases(reason: Any) -> list[Any]:
     """Every registered strategy, skipped (with the reason) where ``reason(strategy)`` names one."""
     out = []
@@ -72,7 +66,11 @@ def cases(reason: Any) -> list[Any]:
 
 
 def native_limits(s: gk.GuidanceStrategy) -> str | None:
-    return "plans a perturbed forward, which needs an nn.Module (the oracle is a function)" if perturbs(s) else None
+    return (
+        "plans a perturbed forward, which needs an nn.Module (the oracle is a function)"
+        if bool(s.perturbations())
+        else None
+    )
 
 
 def weak_for(strategy: gk.GuidanceStrategy, make: Any) -> Any:
@@ -128,7 +126,7 @@ def guider_denoiser(strategy: gk.GuidanceStrategy, adapter: VPModel, scheduler: 
 
 
 def guider_limits(s: gk.GuidanceStrategy) -> str | None:
-    if perturbs(s):
+    if s.perturbations():
         return "plans a perturbed forward, which a modular guider does not run"
     if "weak" in s.models():
         return "evaluates a weak model, which a modular pipeline does not run"

@@ -89,6 +89,9 @@ class AdaptiveGuidance(GuidanceStrategy):
     def models(self) -> frozenset[str]:
         return self.inner.models()
 
+    def perturbations(self) -> frozenset[str]:
+        return self.inner.perturbations()
+
     def combine(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor:
         return self.combine_step(pred_cond, pred_uncond, ctx, self.init_state(pred_cond))[0]
 

@@ -83,6 +83,11 @@ class GuidanceStrategy(Component, ABC):
         """The models this strategy's plans may name (``"main"``; AutoGuidance adds ``"weak"``)."""
         return frozenset({"main"})
 
+    def perturbations(self) -> frozenset[str]:
+        """The :attr:`~guidekit.branch.Perturbation.kind` names this strategy's plans may use (PAG adds
+        ``"identity-self-attention"``); empty for strategies that never perturb the network."""
+        return frozenset()
+
     @property
     def sampler_coupled(self) -> bool:
         """Whether the sampler must step along :meth:`renoise_prediction` (CFG++), not the guided noise."""
@@ -194,6 +199,9 @@ class Combinator(GuidanceStrategy):
 
     def models(self) -> frozenset[str]:
         return self.inner.models()
+
+    def perturbations(self) -> frozenset[str]:
+        return self.inner.perturbations()
 
     @property
     def sampler_coupled(self) -> bool:

@@ -46,6 +46,9 @@ class PerturbedGuidance(Combinator):
     def perturbation(self) -> Perturbation:
         """What the perturbed forward changes in the network."""
 
+    def perturbations(self) -> frozenset[str]:
+        return self.inner.perturbations() | {self.perturbation().kind}
+
     @property
     def perturbed(self) -> Branch:
         """The perturbed branch: the conditional forward with :meth:`perturbation` applied."""

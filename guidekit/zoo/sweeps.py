@@ -14,11 +14,7 @@ import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
-
 from ..component import component_fields
-from ..context import GuidanceContext
-from ..errors import GuidekitError
 from ..registry import STRATEGIES
 from ..strategies.base import GuidanceStrategy
 
@@ -85,24 +81,13 @@ def _generic(name: str, cls: type) -> Sweep | str:
         return f"needs {', '.join(required)}, which the demo cannot choose"
     if any(f.name == "loss" and f.default is None for f, _ in fields):  # loss guidance (DPS): data, not a knob
         return "needs a loss on x0 (guidekit.losses: a measurement or a classifier), which the demo cannot choose"
-    if _perturbs(cls()):
+    if cls().perturbations():
         return "perturbs the network (a perturbed forward), which the digits model's backend does not apply yet"
     if has_scale and not inner:
         return Sweep(name, "scale", DEFAULT_STRENGTHS, lambda s: cls(scale=s))
     if inner:
         return Sweep(name, "scale", DEFAULT_STRENGTHS, lambda s: cls(**{inner[0]: CFG(s)}))
     return "has neither a scale nor an inner strategy to sweep"
-
-
-def _perturbs(strategy: GuidanceStrategy) -> bool:
-    """Whether the strategy's plan has a perturbed forward (PAG, SLG); a plan that needs a whole run's
-    context to answer (a schedule over the run) is asked by the run instead."""
-    like = torch.zeros(1, 1, 1, 1)
-    try:
-        plan = strategy.branches(GuidanceContext.default(like), strategy.init_state(like))
-    except GuidekitError:
-        return False
-    return any(b.perturbation is not None for b in plan)
 
 
 def _is_strategy_type(tp: object) -> bool:

@@ -229,7 +229,6 @@ def why_not(name: str) -> str | None:
         return "sampler-coupled"  # re-noises inside the sampler update (CFG++, DPS)
     if strategy.models() != frozenset({"main"}):
         return "weak"  # AutoGuidance without its second model (test_autoguidance_with_a_weak_model_... runs it)
-    ctx = gk.GuidanceContext.default(torch.zeros(1, 1, 1, 1))
-    if any(b.perturbation is not None for b in strategy.branches(ctx, strategy.init_state(torch.zeros(1, 1, 1, 1)))):
+    if strategy.perturbations():
         return "perturbation"  # a perturbed forward (PAG), which the ComfyUI guider does not apply yet
     return None
