@@ -540,9 +540,10 @@ def _plan_predictions(plan: Sequence[Branch], c: Tensor, u: Tensor) -> dict[str,
 
 
 def check_plan(s: GuidanceStrategy, ex: Example) -> str | None:
-    """The plan is a tuple of :class:`~guidekit.branch.Branch` with unique names, on models and perturbation
-    kinds the strategy declares, and names every prediction the combine reads (a combine given only the plan's predictions
-    runs and matches the two-branch call where the plan is ``cond``/``uncond``)."""
+    """The plan is a tuple of :class:`~guidekit.branch.Branch` with unique names, on models and
+    perturbation kinds the strategy declares, and names every prediction the combine reads (a combine
+    given only the plan's predictions runs and matches the two-branch call where the plan is
+    ``cond``/``uncond``)."""
     c, u = ex.pred_cond, ex.pred_uncond
     for step, sub in ((0, 0), (0, 1), (5, 0)):
         ctx = ex.context(step=step, substep=sub)
