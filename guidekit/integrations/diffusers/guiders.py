@@ -96,11 +96,13 @@ class GuidekitGuider(BaseGuidance):
         self._engine: Engine | None = None
         self._last_step: int | None = None
         self._step_sigmas = (0.0, 0.0)
+        self._at: tuple[float, float, Tensor] | None = None
+        self._schedule: tuple[Tensor, Tensor] | None = None
 
     # -- the guider protocol ------------------------------------------------------------------------
     def set_state(self, step: int, num_inference_steps: int, timestep: Any) -> None:
         super().set_state(step, num_inference_steps, timestep)
-        self._plan_cache: tuple[Any, ...] | None = None
+        self._at: tuple[float, float, Tensor] | None = None  # this evaluation's sigmas, read once
 
     def prepare_inputs(self, data: dict[str, Any]) -> list[Any]:
         indices = [0] if self.num_conditions == 1 else [0, 1]
@@ -187,7 +189,11 @@ class GuidekitGuider(BaseGuidance):
         return self._space
 
     def _sigma_at(self) -> tuple[float, float, Tensor]:
-        """This evaluation's EDM sigma, the next one, and the schedule (float64), from the timestep."""
+        """This evaluation's EDM sigma, the next one, and the schedule (float64), from the timestep: read once
+        per ``set_state`` (num_conditions, the plan and the combine all ask), the schedule once per
+        ``set_timesteps``."""
+        if self._at is not None:
+            return self._at
         if self.scheduler is None:
             raise ConfigError(
                 "scheduler: expected the pipeline's scheduler (GuidekitGuider(strategy, scheduler=pipe.scheduler), "
@@ -202,9 +208,13 @@ class GuidekitGuider(BaseGuidance):
         hits = torch.nonzero(timesteps.double().cpu() == t)
         if len(hits) == 0:
             raise ConfigError(f"timestep: expected one of the scheduler's timesteps {timesteps.tolist()}, got {t}")
-        sigmas = noise_schedule(self.scheduler)
+        cached = self._schedule
+        if cached is None or cached[0] is not timesteps:
+            cached = self._schedule = (timesteps, noise_schedule(self.scheduler))
+        sigmas = cached[1]
         i = int(hits[0])
-        return float(sigmas[i]), float(sigmas[i + 1]), sigmas
+        self._at = (float(sigmas[i]), float(sigmas[i + 1]), sigmas)
+        return self._at
 
     def __repr__(self) -> str:
         return f"GuidekitGuider(strategy={self.strategy!r}, layout={self.layout!r})"
