@@ -104,4 +104,5 @@ class LossGuidance(Combinator):
     def renoise_prediction(self, preds: Predictions, ctx: GuidanceContext, state: Any = None) -> Tensor:
         """The inner strategy's x0, before the correction: the noise direction the sampler steps along."""
         start = state if state is not None else self.init_state(preds["cond"])
-        return self.inner.combine_branches(preds, ctx, start)[0]
+        with torch.no_grad():  # a direction for the sampler: no graph (the engine detaches it anyway)
+            return self.inner.combine_branches(preds, ctx, start)[0]
