@@ -52,6 +52,12 @@ class Perturbation:
         last, own = selector.split(".")[-1], name.split(".")[-1]
         return not (last.isnumeric() and own.isnumeric() and last == own)
 
+    def conditions(self) -> tuple[str, ...]:
+        """The conditions, beyond the branch's own, whose rows this perturbation's forward carries (NAG's
+        negative context: ``("uncond",)``). A backend runs them in the same batch after the branches' rows
+        and returns only the branches' predictions; the engine counts those rows in the NFE."""
+        return ()
+
     def select(self, candidates: Mapping[str, T], what: str, owner: str) -> list[T]:
         """The candidates (``{module name: module}``) the ``layers`` selectors pick, in one list without
         repeats; a selector that picks none is refused, naming the ``what``s of ``owner`` there are."""

@@ -6,6 +6,8 @@ Each names the layers it acts on with ``layers``, selectors of module names in t
 :class:`SkipBlocks` names whole blocks, a module name or its dotted suffix (``"transformer_blocks.7"``,
 never ``transformer_blocks.17``). A backend applies the kinds it lists in ``Backend.perturbations`` and
 refuses others by name; a selector that matches no layer is an error naming the layers there are.
+:class:`NormalizedAttention` (NAG) acts on cross-attention layers and carries a second condition, the
+negative context, in its forward (:meth:`~guidekit.branch.Perturbation.conditions`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from typing import ClassVar
 from .branch import Perturbation
 from .errors import ConfigError
 from .ops.attention import INFINITE_BLUR
+from .ops.checks import check_number
 
-__all__ = ["BlurredQueries", "IdentitySelfAttention", "SkipBlocks"]
+__all__ = ["BlurredQueries", "IdentitySelfAttention", "NormalizedAttention", "SkipBlocks"]
 
 
 @dataclass(frozen=True)
@@ -70,3 +73,34 @@ class BlurredQueries(Perturbation):
     @property
     def infinite(self) -> bool:
         return self.sigma >= self.INFINITE
+
+
+@dataclass(frozen=True)
+class NormalizedAttention(Perturbation):
+    """NAG's change to the cross-attention layers (Chen et al. 2025, arXiv 2505.21179): attention outputs
+    ``z⁺`` (the branch's context) and ``z⁻`` (the ``negative`` condition's context, same queries) become
+    ``α·normalise(φ z⁺ − (φ − 1) z⁻) + (1 − α) z⁺`` (:func:`guidekit.ops.attention.normalized_attention`).
+
+    The forward carries the ``negative`` condition's rows beside the branch's rows in one batch; in the
+    selected layers the branch's queries attend to both contexts and both rows continue with the guided
+    output. ``layers = ()`` is every cross-attention layer (a diffusers ``Attention`` with
+    ``is_cross_attention``; an ``nn.MultiheadAttention`` called with a key that is not its query).
+    """
+
+    kind: ClassVar[str] = "normalized-attention"
+    layers: tuple[str, ...] = ()
+    scale: float = 5.0
+    tau: float = 2.5
+    alpha: float = 0.25
+    negative: str = "uncond"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("scale", self.scale)
+        check_number("tau", self.tau, low=0.0)
+        check_number("alpha", self.alpha, low=0.0, high=1.0)
+        if not isinstance(self.negative, str) or not self.negative:
+            raise ConfigError(f"negative: expected a condition name, got {self.negative!r}")
+
+    def conditions(self) -> tuple[str, ...]:
+        return (self.negative,)

@@ -592,7 +592,8 @@ class _CountingBackend(Backend):
         return True  # a stand-in network: every perturbation is "applied" (the pair answers every branch)
 
     def forward(self, x: Tensor, sigma: Tensor, branches: Sequence[Branch], conditions: Any) -> dict[str, Tensor]:
-        self.rows += len(branches) * x.shape[0]
+        carried = branches[0].perturbation.conditions() if branches[0].perturbation is not None else ()
+        self.rows += len(branches) * (1 + len(carried)) * x.shape[0]  # a perturbation's own conditions' rows
         return _plan_predictions(branches, self.c, self.u)
 
 

@@ -275,7 +275,7 @@ class Perturbed(gk.CFG):
 
 def test_an_unsupported_perturbation_is_refused_by_name():
     den = gk.guided(EDMModel(GM.as_model("edm")), Perturbed(perturbation=SkipLayers(("mid",))), LABELS, UNCONDS)
-    supported = r"\['blurred-queries', 'identity-self-attention', 'none', 'skip-blocks'\]"
+    supported = r"\['blurred-queries', 'identity-self-attention', 'none', 'normalized-attention', 'skip-blocks'\]"
     with pytest.raises(gk.ConfigError, match=rf"perturbation: NativeBackend supports {supported}, got 'skip-layers'"):
         sample_euler(den, x_T(), SIGMAS)
 

@@ -125,8 +125,36 @@ class NativeBackend(Backend):
         perturbation = branches[0].group[1]
         if perturbation is None:
             return self._predict(model, x, sigma, branches, batched, kw)
+        extra = perturbation.conditions()
+        if extra:
+            return self._predict_with(model, x, sigma, branches, batched, extra, conditions, kw)
         with applied(model.model, perturbation):
             return self._predict(model, x, sigma, branches, batched, kw)
+
+    def _predict_with(
+        self,
+        model: ModelAdapter,
+        x: Tensor,
+        sigma: Tensor,
+        branches: Sequence[Branch],
+        batched: Any,
+        extra: tuple[str, ...],
+        conditions: Mapping[str, Any],
+        kw: dict[str, Any],
+    ) -> dict[str, Tensor]:
+        """A perturbation that carries conditions of its own (NAG's negative context): one call on
+        ``[branch rows; rows of each extra condition, once per branch]``, the branch rows returned."""
+        k, b = len(branches), x.shape[0]
+        both = batched
+        for name in extra:
+            carried = Branch(name, condition=name)
+            cond = _condition(conditions, carried, b)
+            for _ in range(k):
+                both = concat_cond(both, cond, name)
+        n = k * (1 + len(extra))
+        with applied(model.model, branches[0].perturbation, rows=k * b):
+            pred = model.predict(torch.cat([x] * n), torch.cat([sigma] * n), both, **kw)
+        return dict(zip((br.name for br in branches), pred[: k * b].split(b), strict=True))
 
     @staticmethod
     def _predict(

@@ -110,6 +110,8 @@ class _PlanFacts(NamedTuple):
     names: tuple[str, ...]
     beyond_cond: bool
     graph: bool
+    rows: int
+    """Network rows per sample: one per branch, plus the rows of conditions a perturbation carries (NAG)."""
 
 
 class Pending(NamedTuple):
@@ -310,6 +312,7 @@ class Engine:
                 tuple(b.name for b in plan),
                 any(b.name != "cond" for b in plan),
                 any(b.grad for b in plan),
+                sum(1 + (len(b.perturbation.conditions()) if b.perturbation is not None else 0) for b in plan),
             )
         self._last_plan = (plan, facts)
         return facts
@@ -446,7 +449,7 @@ class Engine:
         ctx, plan = pending.ctx, pending.plan
         log = self._log[ctx.step]
         facts = self._plan_facts(plan)
-        self.nfe += len(plan)
+        self.nfe += facts.rows
         log.nfe = self.nfe
         log.model_called |= bool(plan)
         log.uncond_used |= facts.beyond_cond

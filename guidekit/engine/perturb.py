@@ -6,6 +6,10 @@
   residual block): it returns that input.
 * :class:`~guidekit.perturbations.BlurredQueries` on ``torch.nn.MultiheadAttention``: the query blurred over
   its tokens before the attention (SEG; a finite blur needs a square token grid).
+* :class:`~guidekit.perturbations.NormalizedAttention` on ``torch.nn.MultiheadAttention`` called as
+  cross-attention (a key that is not the query): the batch is ``[branch rows; negative rows]``; the branch
+  rows' queries attend to both halves' keys and values, NAG combines the two outputs before ``out_proj``
+  and both halves continue with the result (NAG; no attention masks, ``bias_k`` or ``add_zero_attn``).
 
 Selectors follow :mod:`guidekit.perturbations`: regular expressions searched among the attention modules'
 names, whole names or dotted suffixes for blocks. A selector that matches nothing names what there is.
@@ -17,17 +21,18 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..branch import Perturbation
 from ..errors import ConfigError
-from ..ops.attention import blur_queries
-from ..perturbations import BlurredQueries, IdentitySelfAttention, SkipBlocks
+from ..ops.attention import blur_queries, normalized_attention
+from ..perturbations import BlurredQueries, IdentitySelfAttention, NormalizedAttention, SkipBlocks
 
 __all__ = ["KINDS", "applied", "swapped"]
 
-KINDS = frozenset({IdentitySelfAttention.kind, SkipBlocks.kind, BlurredQueries.kind})
+KINDS = frozenset({IdentitySelfAttention.kind, SkipBlocks.kind, BlurredQueries.kind, NormalizedAttention.kind})
 """The perturbation kinds the native backend applies."""
 
 _UNSET: Any = object()
@@ -54,6 +59,49 @@ def _blurred_query(module: nn.MultiheadAttention, sigma: float) -> Callable[...,
     return forward
 
 
+def _mha_heads(module: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    """``module``'s attention output before ``out_proj``, batch first ``(b, n, e)`` (its projections, SDPA)."""
+    e, h = module.embed_dim, module.num_heads
+    if module._qkv_same_embed_dim:
+        wq, wk, wv = module.in_proj_weight.chunk(3)
+    else:
+        wq, wk, wv = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight
+    bq, bk, bv = (None, None, None) if module.in_proj_bias is None else module.in_proj_bias.chunk(3)
+    b = query.shape[0]
+    q = F.linear(query, wq, bq).view(b, -1, h, e // h).transpose(1, 2)
+    k = F.linear(key, wk, bk).view(b, -1, h, e // h).transpose(1, 2)
+    v = F.linear(value, wv, bv).view(b, -1, h, e // h).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, e)
+
+
+def _normalized(module: nn.MultiheadAttention, nag: NormalizedAttention, rows: int) -> Callable[..., Any]:
+    original = module.forward
+
+    def forward(query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:
+        if key is query:  # self-attention: NAG acts on cross-attention only
+            return original(query, key, value, *args, **kwargs)
+        masks = [kwargs.get(k) for k in ("key_padding_mask", "attn_mask")] + list(args[:1]) + list(args[2:3])
+        if any(m is not None for m in masks) or module.bias_k is not None or module.add_zero_attn:
+            raise ConfigError(
+                "perturbation: the native 'normalized-attention' perturbation supports nn.MultiheadAttention "
+                "without attention masks, bias_k/bias_v or add_zero_attn, got one with them"
+            )
+        q, k, v = (t if module.batch_first else t.transpose(0, 1) for t in (query, key, value))
+        if q.shape[0] != 2 * rows:
+            raise ConfigError(
+                f"perturbation: expected the 'normalized-attention' forward's batch [branch rows; negative rows] "
+                f"of {2 * rows} rows at this layer, got {q.shape[0]}"
+            )
+        pos, neg = slice(0, rows), slice(rows, 2 * rows)
+        z_pos = _mha_heads(module, q[pos], k[pos], v[pos])
+        z_neg = _mha_heads(module, q[pos], k[neg], v[neg])
+        out = module.out_proj(normalized_attention(z_pos, z_neg, nag.scale, nag.tau, nag.alpha))
+        out = torch.cat([out, out])
+        return (out if module.batch_first else out.transpose(0, 1)), None
+
+    return forward
+
+
 def _skip(module: nn.Module) -> Callable[..., Tensor]:
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         return x
@@ -62,7 +110,7 @@ def _skip(module: nn.Module) -> Callable[..., Tensor]:
 
 
 def _select(model: nn.Module, perturbation: Perturbation) -> list[nn.Module]:
-    if isinstance(perturbation, IdentitySelfAttention | BlurredQueries):
+    if isinstance(perturbation, IdentitySelfAttention | BlurredQueries | NormalizedAttention):
         layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
         return perturbation.select(layers, "attention (nn.MultiheadAttention) module", type(model).__name__)
     layers = {n: m for n, m in model.named_modules() if n}
@@ -70,8 +118,12 @@ def _select(model: nn.Module, perturbation: Perturbation) -> list[nn.Module]:
 
 
 @contextmanager
-def applied(model: Any, perturbation: Perturbation | None) -> Iterator[None]:
-    """``model`` (an ``nn.Module``) with ``perturbation`` applied inside the block, restored after."""
+def applied(model: Any, perturbation: Perturbation | None, rows: int = 0) -> Iterator[None]:
+    """``model`` (an ``nn.Module``) with ``perturbation`` applied inside the block, restored after.
+
+    ``rows``: the branch rows of the batch, for a perturbation that carries conditions of its own
+    (:meth:`~guidekit.branch.Perturbation.conditions`), whose rows follow them.
+    """
     if perturbation is None:
         yield
         return
@@ -83,7 +135,19 @@ def applied(model: Any, perturbation: Perturbation | None) -> Iterator[None]:
             f"{type(model).__name__}"
         )
     modules = _select(model, perturbation)
-    if isinstance(perturbation, BlurredQueries):
+    if isinstance(perturbation, NormalizedAttention):
+        nag = perturbation
+        if not perturbation.layers:
+            modules = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+            if not modules:
+                raise ConfigError(
+                    f"perturbation: 'normalized-attention' acts on nn.MultiheadAttention cross-attention layers; "
+                    f"{type(model).__name__} has none"
+                )
+
+        def make(m: nn.Module) -> Callable[..., Any]:
+            return _normalized(m, nag, rows)  # type: ignore[arg-type]
+    elif isinstance(perturbation, BlurredQueries):
         sigma = perturbation.sigma
 
         def make(m: nn.Module) -> Callable[..., Any]:

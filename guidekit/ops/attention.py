@@ -1,4 +1,4 @@
-"""Attention-space formulas of perturbation guidance (SEG's query blur)."""
+"""Attention-space formulas of perturbation guidance (SEG's query blur, NAG's normalised extrapolation)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 
-__all__ = ["INFINITE_BLUR", "blur_queries"]
+__all__ = ["INFINITE_BLUR", "blur_queries", "normalized_attention"]
 
 INFINITE_BLUR = 9999.0
 """A query blur sigma at or above this is the infinite blur (the official SEG threshold)."""
@@ -38,3 +38,18 @@ def blur_queries(query: Tensor, sigma: float, token_dim: int = 1) -> Tensor:
     grid = F.conv2d(F.pad(grid, (pad, pad, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
     grid = F.conv2d(F.pad(grid, (0, 0, pad, pad), mode="reflect"), k.view(1, 1, -1, 1))
     return grid.reshape(b, d, n).permute(0, 2, 1).movedim(1, token_dim)
+
+
+def normalized_attention(z_pos: Tensor, z_neg: Tensor, scale: float, tau: float, alpha: float) -> Tensor:
+    """NAG's attention-space guidance (Chen et al. 2025, arXiv 2505.21179) on attention outputs ``(..., d)``.
+
+    ``z̃ = φ z⁺ − (φ − 1) z⁻`` (``φ = scale``), scaled down per token so that ``‖z̃‖₁ ≤ τ ‖z⁺‖₁``, then
+    blended: ``α z̃ + (1 − α) z⁺``. Norms run over the last dim (the heads' features, merged). A token whose
+    ``z̃`` is zero is left unscaled (no division by zero); ``scale = 1`` gives ``z⁺``.
+    """
+    guided = z_pos * scale - z_neg * (scale - 1.0)
+    n_pos = z_pos.abs().sum(-1, keepdim=True)
+    n_guided = guided.abs().sum(-1, keepdim=True)
+    over = n_guided > tau * n_pos
+    factor = torch.where(over, tau * n_pos / torch.where(over, n_guided, torch.ones_like(n_guided)), 1.0)
+    return alpha * (guided * factor) + (1.0 - alpha) * z_pos

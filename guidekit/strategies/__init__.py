@@ -19,6 +19,7 @@ from .dsg import DSG
 from .dynamic_cfg import DynamicCFG
 from .fdg import FDG
 from .interval import Interval
+from .nag import NAG
 from .pag import PAG
 from .ramp import Ramp
 from .rescale import Rescale
@@ -37,6 +38,7 @@ __all__ = [
     "DPS",
     "DSG",
     "FDG",
+    "NAG",
     "PAG",
     "SAMG",
     "SEG",

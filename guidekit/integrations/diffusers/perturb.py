@@ -1,4 +1,9 @@
-"""Perturbations on diffusers models: attention processors swapped in for one forward, and back."""
+"""Perturbations on diffusers models: attention processors swapped in for one forward, and back.
+
+NAG (:class:`~guidekit.perturbations.NormalizedAttention`) runs on the pipeline's whole ``[uncond; cond]``
+call: the cond rows' queries attend to both halves' contexts in every selected cross-attention layer
+(``Attention.is_cross_attention``: the UNets' ``attn2``), and both halves continue with the NAG output.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +11,35 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from diffusers.hooks._helpers import TransformerBlockRegistry  # pinned diffusers 0.42.1: block input/output map
+from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
 from ...branch import Perturbation
 from ...engine.perturb import swapped
 from ...errors import ConfigError
-from ...ops.attention import blur_queries
-from ...perturbations import BlurredQueries, IdentitySelfAttention, SkipBlocks
+from ...ops.attention import blur_queries, normalized_attention
+from ...perturbations import BlurredQueries, IdentitySelfAttention, NormalizedAttention, SkipBlocks
+from .processors import IdentityAttnProcessor, identity_processor
 
-__all__ = ["KINDS", "IdentityAttnProcessor", "applied", "self_attention_layers"]
+__all__ = ["KINDS", "IdentityAttnProcessor", "NormalizedAttnProcessor", "applied", "self_attention_layers"]
 
-KINDS = frozenset({IdentitySelfAttention.kind, SkipBlocks.kind, BlurredQueries.kind})
+KINDS = frozenset({IdentitySelfAttention.kind, SkipBlocks.kind, BlurredQueries.kind, NormalizedAttention.kind})
 """The perturbation kinds the diffusers backends apply."""
 
 
-def self_attention_layers(model: nn.Module) -> dict[str, Attention]:
-    """The self-attention modules of ``model`` by name (diffusers ``Attention`` that is not cross-attention)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, Attention) and not m.is_cross_attention}
+def self_attention_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The self-attention modules of ``model`` by name: diffusers ``Attention`` and the newer attention modules
+    (``AttentionModuleMixin``: Wan's ``WanAttention``) that are not cross-attention. Joint-attention layers
+    (SD3, CogVideoX) count: their visual tokens attend to each other."""
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, (Attention, AttentionModuleMixin)) and not m.is_cross_attention
+    }
 
 
 def resolve(model: nn.Module, perturbation: Perturbation) -> list[nn.Module]:
@@ -32,6 +47,19 @@ def resolve(model: nn.Module, perturbation: Perturbation) -> list[nn.Module]:
     if isinstance(perturbation, SkipBlocks):
         blocks = {n: m for n, m in model.named_modules() if n and _is_block(m)}
         return perturbation.select(blocks, "transformer block", type(model).__name__)
+    if isinstance(perturbation, NormalizedAttention):
+        cross = {n: m for n, m in model.named_modules() if isinstance(m, Attention) and m.is_cross_attention}
+        if not cross:
+            raise ConfigError(
+                f"perturbation: 'normalized-attention' acts on cross-attention layers (diffusers Attention with "
+                f"is_cross_attention, the UNets' attn2); {type(model).__name__} has none (joint-attention "
+                "transformers such as SD3 and Flux are not supported)"
+            )
+        return (
+            list(cross.values())
+            if not perturbation.layers
+            else perturbation.select(cross, "cross-attention layer", type(model).__name__)
+        )
     return perturbation.select(self_attention_layers(model), "self-attention layer", type(model).__name__)
 
 
@@ -68,8 +96,12 @@ def _skipped(block: nn.Module) -> Any:
     return forward
 
 
-class IdentityAttnProcessor:
-    """Self-attention with the identity map: ``to_out(to_v(h))`` (diffusers' PAG perturbed path, whole batch)."""
+class NormalizedAttnProcessor:
+    """NAG in a cross-attention layer: rows ``positive`` attend to their context and to rows ``negative``'s
+    context with the same queries; both row sets get ``to_out(normalized_attention(z⁺, z⁻))``."""
+
+    def __init__(self, nag: NormalizedAttention, positive: slice, negative: slice) -> None:
+        self.nag, self.positive, self.negative = nag, positive, negative
 
     def __call__(
         self,
@@ -80,6 +112,8 @@ class IdentityAttnProcessor:
         temb: Tensor | None = None,
         **kwargs: Any,
     ) -> Tensor:
+        if encoder_hidden_states is None:
+            raise ConfigError("perturbation: 'normalized-attention' needs a cross-attention call, got no context")
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -89,8 +123,31 @@ class IdentityAttnProcessor:
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        dtype = hidden_states.dtype
-        hidden_states = attn.to_out[1](attn.to_out[0](attn.to_v(hidden_states).to(dtype)))
+        b = hidden_states.shape[0]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], b)
+            attention_mask = attention_mask.view(b, attn.heads, -1, attention_mask.shape[-1])
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        q, k, v = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        d = k.shape[-1] // attn.heads
+        q, k, v = (t.view(b, -1, attn.heads, d).transpose(1, 2) for t in (q, k, v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        pos, neg = self.positive, self.negative
+
+        def attend(keys: slice) -> Tensor:
+            mask = None if attention_mask is None else attention_mask[keys]
+            z = F.scaled_dot_product_attention(q[pos], k[keys], v[keys], attn_mask=mask)
+            return z.transpose(1, 2).reshape(q[pos].shape[0], -1, attn.heads * d).to(q.dtype)
+
+        nag = self.nag
+        z = normalized_attention(attend(pos), attend(neg), nag.scale, nag.tau, nag.alpha)
+        out = torch.empty(b, *z.shape[1:], dtype=z.dtype, device=z.device)
+        out[pos], out[neg] = z, z
+        hidden_states = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:
@@ -99,8 +156,14 @@ class IdentityAttnProcessor:
 
 
 @contextmanager
-def applied(model: nn.Module, perturbation: Perturbation | None) -> Iterator[None]:
-    """``model`` with ``perturbation`` applied for the duration of the block, its processors restored after."""
+def applied(
+    model: nn.Module, perturbation: Perturbation | None, rows: tuple[slice, slice] | None = None
+) -> Iterator[None]:
+    """``model`` with ``perturbation`` applied for the duration of the block, its processors restored after.
+
+    ``rows``: ``(branch rows, carried rows)`` of the batch for a perturbation that carries a condition of its
+    own (NAG: the cond rows and the uncond rows of the pipeline's call).
+    """
     if perturbation is None:
         yield
         return
@@ -113,7 +176,11 @@ def applied(model: nn.Module, perturbation: Perturbation | None) -> Iterator[Non
         changes = [(m.to_q, "forward", _blurred(m.to_q.forward, perturbation.sigma)) for m in modules]
     elif isinstance(perturbation, SkipBlocks):
         changes = [(m, "forward", _skipped(m)) for m in modules]
+    elif isinstance(perturbation, NormalizedAttention):
+        if rows is None:
+            raise ConfigError("rows: expected the branch and negative rows of the 'normalized-attention' forward")
+        changes = [(m, "processor", NormalizedAttnProcessor(perturbation, *rows)) for m in modules]
     else:  # an instance attribute: set_processor would log and pop hooks
-        changes = [(m, "processor", IdentityAttnProcessor()) for m in modules]
+        changes = [(m, "processor", identity_processor(m)) for m in modules]
     with swapped(changes):
         yield

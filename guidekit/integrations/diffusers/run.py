@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from ...branch import Branch, NoPerturbation
+from ...branch import Branch, NoPerturbation, Perturbation
 from ...engine import Backend, Engine, Position
 from ...errors import ConfigError, GuidekitError, ShapeError
 from ...guided import guided
@@ -244,7 +244,10 @@ class PipelineBackend(Backend):
                     f"branches: a pipeline's own call has the conditions 'cond' and 'uncond', got branch {branch!r}"
                 )
         names = {b.condition for b in branches}
-        with applied(call.module, branches[0].group[1]):
+        perturbation = branches[0].group[1]
+        if perturbation is not None and perturbation.conditions():
+            return self._forward_carrying(call, branches, perturbation)
+        with applied(call.module, perturbation):
             pred = call.run(None if names == {"cond", "uncond"} else rows[next(iter(names))])
         expected = call.latent()[call.cond].shape
         out = {}
@@ -256,6 +259,22 @@ class PipelineBackend(Backend):
                 )
             out[branch.name] = part if self._canonical else to_canonical(part, self.layout)
         return out
+
+    def _forward_carrying(
+        self, call: Call, branches: Sequence[Branch], perturbation: Perturbation
+    ) -> dict[str, Tensor]:
+        """A perturbation that carries a condition (NAG's negative context): the pipeline's whole call, the
+        ``cond`` rows the branch, the ``uncond`` rows (the negative prompt) the carried condition."""
+        carried = perturbation.conditions()
+        if [b.condition for b in branches] != ["cond"] or carried != ("uncond",):
+            raise ConfigError(
+                f"perturbation: on a pipeline, {perturbation.kind!r} runs the 'cond' branch with the negative "
+                f"prompt ('uncond') as its carried condition, got branches {[b.condition for b in branches]} "
+                f"carrying {list(carried)}"
+            )
+        with applied(call.module, perturbation, rows=(call.cond, call.uncond)):
+            pred = call.run(None)[call.cond]
+        return {branches[0].name: pred if self._canonical else to_canonical(pred, self.layout)}
 
 
 def _edm_x(x: Tensor, sigma: float, coords: Coords) -> Tensor:
