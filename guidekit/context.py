@@ -40,6 +40,10 @@ class GuidanceContext:
             knows the schedule: the same for every evaluation of a step (predictor, corrector, a churned
             ``sigma_hat``) and in every dtype. Decisions on the noise level (Interval's window) read it, so
             a window means the same steps in float32 and float64 and on every sampler.
+        condition: ``(b, ...)`` the condition of the ``cond`` branch as the caller gave it (class labels
+            ``(b,)`` for guidekit's models), when it is a tensor with one row per sample; ``None`` when the
+            caller has none to show (the diffusers paths, direct calls). Strategies whose weights depend on
+            the condition read it (Learned weight); it is never modified.
     """
 
     sigma: Tensor
@@ -52,6 +56,7 @@ class GuidanceContext:
     x: Tensor | None = None
     allow_nonfinite: bool = False
     step_sigma: float | None = None
+    condition: Tensor | None = None
 
     @classmethod
     def default(cls, like: Tensor, sigma: float = 1.0, **kwargs: object) -> GuidanceContext:

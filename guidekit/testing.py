@@ -286,6 +286,7 @@ def _select(ctx: GuidanceContext, index: slice) -> GuidanceContext:
         sigma=ctx.sigma[index],
         sigma_next=None if ctx.sigma_next is None else ctx.sigma_next[index],
         x=None if ctx.x is None else ctx.x[index],
+        condition=None if ctx.condition is None else ctx.condition[index],
     )
 
 

@@ -2,7 +2,7 @@
 
 ::
 
-    ctx   = GuidanceContext(sigma, step, substep, schedule, space, x)
+    ctx   = GuidanceContext(sigma, step, substep, schedule, space, x, condition)
     plan  = strategy.branches(ctx, state)                          -> (Branch, ...)
     preds = backend.forward(x, sigma, group) per (model, perturbation) group, -> strategy.space
     g, s' = strategy.step_branches(preds, ctx, state)              (checked combine)
@@ -295,7 +295,13 @@ class Engine:
             x=None if x is None or self.space is None else x_for_space(x, sigma, self.space),
             allow_nonfinite=self.allow_nonfinite,
             step_sigma=position.step_sigma,
+            condition=self._condition(b),
         )
+
+    def _condition(self, batch: int) -> Tensor | None:
+        """The ``cond`` condition for :attr:`GuidanceContext.condition`: a tensor with one row per sample."""
+        cond = self.conditions.get("cond")
+        return cond if isinstance(cond, Tensor) and cond.ndim > 0 and cond.shape[0] == batch else None
 
     def _plan_facts(self, plan: Plan) -> _PlanFacts:
         """The plan's groups and branch names, checked against the backend once per distinct plan (the last
