@@ -1,0 +1,165 @@
+"""Perturbations on every supported diffusers family: SD, SDXL, SD3, CogVideoX, Wan and ModelScope.
+
+* PAG through the SD3 joint-attention processor equals diffusers' ``StableDiffusion3PAGPipeline`` (which the
+  SD3 *modular* pipeline cannot run), with and without CFG.
+* On every family, PAG on a self-attention layer, SLG on a block, and for the video families STG in both
+  modes, run through ``generate`` with 3 NFE per step, change the result, leave no processor or forward
+  behind, and at scale 0 equal the inner strategy bit for bit.
+* The identity rule of each processor, as a property a wrong mask fails: a visual token's output does not
+  depend on the other visual tokens, but does on the text (joint attention), and equals ``to_out(to_v(h))``
+  where there is no text (Wan). The official CogVideoX STG-A mask (identity block on the first positions,
+  which are text) fails the first property.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pytest
+import torch
+
+import guidekit as gk
+
+pytest.importorskip("diffusers")
+from diffusers import StableDiffusion3PAGPipeline
+
+from guidekit.integrations.diffusers import generate
+from guidekit.integrations.diffusers.processors import (
+    CogVideoXIdentityAttnProcessor,
+    JointIdentityAttnProcessor,
+    WanIdentityAttnProcessor,
+    identity_processor,
+)
+from guidekit.integrations.diffusers.tiny import tiny_pipeline
+
+pytestmark = pytest.mark.diffusers
+STEPS = 2
+
+# family -> (a self-attention selector, a block selector, video?)
+FAMILIES: dict[str, tuple[str, str, bool]] = {
+    "sd": ("mid", "mid_block.attentions.0.transformer_blocks.0", False),
+    "sdxl": ("mid", "mid_block.attentions.0.transformer_blocks.0", False),
+    "sd3": ("transformer_blocks.0.attn", "transformer_blocks.0", False),
+    "cogvideox": ("transformer_blocks.0.attn1", "transformer_blocks.0", True),
+    "wan": ("blocks.1.attn1", "blocks.1", True),
+    "modelscope": ("mid_block.attentions", "mid_block.attentions.0.transformer_blocks.0", True),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request: pytest.FixtureRequest) -> tuple[str, Any, dict[str, Any]]:
+    pipe, kw = tiny_pipeline(request.param)
+    return request.param, pipe, dict(kw, num_inference_steps=STEPS, output_type="latent")
+
+
+def _denoiser(pipe: Any) -> torch.nn.Module:
+    return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+
+
+def _run(pipe: Any, strategy: gk.GuidanceStrategy, kw: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    out, info = generate(pipe, strategy, **kw, generator=torch.Generator().manual_seed(3), return_info=True)
+    result = out.images if hasattr(out, "images") else out.frames
+    return torch.as_tensor(result), info.nfe
+
+
+def test_every_perturbation_runs_on_every_family(family):
+    name, pipe, kw = family
+    attention, block, video = FAMILIES[name]
+    model = _denoiser(pipe)
+    processors = {n: type(m.processor) for n, m in model.named_modules() if hasattr(m, "processor")}
+    plain, _ = _run(pipe, gk.CFG(3.0), kw)
+    strategies = [gk.PAG(gk.CFG(3.0), 2.0, (attention,)), gk.SLG(gk.CFG(3.0), 2.0, (block,))]
+    if video:
+        strategies += [gk.STG(gk.CFG(3.0), 1.0, (block,)), gk.STG(gk.CFG(3.0), 1.0, (attention,), mode="A")]
+    for strategy in strategies:
+        out, nfe = _run(pipe, strategy, kw)
+        assert nfe == 3 * STEPS
+        assert torch.isfinite(out).all()
+        assert float((out - plain).abs().max()) > 1e-4, type(strategy).__name__
+        zero, _ = _run(pipe, type(strategy)(**{**strategy.__dict__, "scale": 0.0}), kw)
+        inner = gk.Rescale(gk.CFG(3.0), 0.7) if isinstance(strategy, gk.STG) else gk.CFG(3.0)
+        assert torch.equal(zero, plain if inner == gk.CFG(3.0) else _run(pipe, inner, kw)[0])
+    assert {n: type(m.processor) for n, m in model.named_modules() if hasattr(m, "processor")} == processors
+    assert not [n for n, m in model.named_modules() if "forward" in m.__dict__]
+
+
+def test_pag_scale_zero_is_cfg_on_every_family(family):
+    name, pipe, kw = family
+    pag = gk.PAG(gk.CFG(3.0), 0.0, (FAMILIES[name][0],))
+    assert torch.equal(_run(pipe, pag, kw)[0], _run(pipe, gk.CFG(3.0), kw)[0])
+
+
+@pytest.mark.parametrize(("w", "s", "nfe"), [(4.5, 2.0, 3 * 4), (1.0, 3.0, 2 * 4)])
+def test_pag_equals_the_sd3_pag_pipeline(w, s, nfe):
+    pipe, kw = tiny_pipeline("sd3")
+    accepted = inspect.signature(StableDiffusion3PAGPipeline.__init__).parameters
+    theirs_pipe = StableDiffusion3PAGPipeline(
+        **{k: v for k, v in pipe.components.items() if k in accepted}, pag_applied_layers=["blocks.0"]
+    )
+    theirs_pipe.set_progress_bar_config(disable=True)
+    common = dict(kw, num_inference_steps=4, output_type="latent")
+
+    def latents() -> torch.Tensor:
+        return torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+
+    theirs = theirs_pipe(**common, guidance_scale=w, pag_scale=s, latents=latents()).images
+    strategy = gk.PAG(gk.CFG(w), scale=s, layers=("transformer_blocks.0.attn",))
+    ours, info = generate(pipe, strategy, **common, latents=latents(), return_info=True)
+    plain = generate(pipe, gk.CFG(w), **common, latents=latents()).images
+    scale = float(theirs.abs().max())
+    assert float((ours.images - theirs).abs().max()) < 1e-6 * scale
+    assert float((plain - theirs).abs().max()) > 1e-3 * scale
+    assert info.nfe == nfe
+
+
+def _attention(family: str) -> torch.nn.Module:
+    pipe, _ = tiny_pipeline(family)
+    model = _denoiser(pipe)
+    return dict(model.named_modules())[FAMILIES[family][0]]
+
+
+def _vary(x: torch.Tensor, token: int) -> torch.Tensor:
+    y = x.clone()
+    y[:, token] += torch.randn(y[:, token].shape, generator=torch.Generator().manual_seed(9))
+    return y
+
+
+@pytest.mark.parametrize(
+    ("family", "processor"), [("sd3", JointIdentityAttnProcessor), ("cogvideox", CogVideoXIdentityAttnProcessor)]
+)
+def test_joint_identity_keeps_the_text_and_drops_the_other_visual_tokens(family, processor):
+    attn = _attention(family)
+    assert isinstance(identity_processor(attn), processor)
+    gen = torch.Generator().manual_seed(0)
+    dim = attn.to_q.in_features
+    h, text = (
+        torch.randn(2, 12, dim, generator=gen),
+        torch.randn(2, 5, attn.add_q_proj.in_features if family == "sd3" else dim, generator=gen),
+    )
+    with torch.no_grad():
+        video, _ = processor()(attn, h, text)
+        other, _ = processor()(attn, _vary(h, 4), text)
+        retexted, _ = processor()(attn, h, _vary(text, 2))
+        full, _ = attn.processor(attn, h, text)
+    keep = [i for i in range(12) if i != 4]
+    assert torch.allclose(video[:, keep], other[:, keep], atol=1e-6)  # other visual tokens do not reach token i
+    assert not torch.allclose(video[:, 4], other[:, 4], atol=1e-4)  # its own value does
+    assert not torch.allclose(video, retexted, atol=1e-4)  # the text still does
+    assert not torch.allclose(video, full, atol=1e-4)  # and it is not the unperturbed layer
+
+
+def test_wan_identity_is_the_value_projection():
+    attn = _attention("wan")
+    assert isinstance(identity_processor(attn), WanIdentityAttnProcessor)
+    h = torch.randn(2, 12, attn.to_q.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(WanIdentityAttnProcessor()(attn, h), attn.to_out[0](attn.to_v(h)))
+
+
+def test_an_unsupported_processor_is_named():
+    pipe, _ = tiny_pipeline("sd")
+    attn = pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1
+    attn.processor = object()
+    with pytest.raises(gk.ConfigError, match=r"supports the attention processors .*AttnProcessor2_0.*uses object"):
+        identity_processor(attn)
