@@ -163,3 +163,78 @@ def test_an_unsupported_processor_is_named():
     attn.processor = object()
     with pytest.raises(gk.ConfigError, match=r"supports the attention processors .*AttnProcessor2_0.*uses object"):
         identity_processor(attn)
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        gk.PAG(gk.CFG(4.0), 2.0, ("mid",)),
+        gk.SEG(gk.CFG(4.0), 2.0, ("mid",)),
+        gk.SLG(gk.CFG(4.0), 2.0, ("mid_block.attentions.0.transformer_blocks.0",)),
+        gk.PAG(gk.CFG(1.0), 3.0, ("mid",)),
+    ],
+    ids=["pag", "seg", "slg", "pag-without-cfg"],
+)
+def test_the_modular_guider_runs_perturbed_batches_like_generate(strategy):
+    """A modular denoise block's protocol (prepare_inputs, prepare_models / cleanup_models around each batch's
+    forward, the guider's call) with the guider applying the perturbation equals ``generate``."""
+    from guidekit.integrations.diffusers import GuidekitGuider
+
+    pipe, kw = tiny_pipeline("sd")
+    steps, latents = 3, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ours = generate(
+        pipe, strategy, num_inference_steps=steps, latents=latents.clone(), negative_prompt="", output_type="latent",
+        **kw,
+    ).images  # fmt: skip
+    cond, uncond = pipe.encode_prompt(kw["prompt"], "cpu", 1, True, negative_prompt="")
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(steps)
+    guider = GuidekitGuider(strategy, scheduler=scheduler)
+    processors = dict(pipe.unet.attn_processors)
+    x, sizes = latents.clone() * scheduler.init_noise_sigma, []
+    with torch.no_grad():  # a pipeline runs its loop without gradients
+        for i, t in enumerate(scheduler.timesteps):
+            guider.set_state(i, steps, t)
+            batches = guider.prepare_inputs({"prompt_embeds": (cond, uncond)})
+            for batch in batches:
+                guider.prepare_models(pipe.unet)
+                batch.noise_pred = pipe.unet(x, t, encoder_hidden_states=batch.prompt_embeds, return_dict=False)[0]
+                guider.cleanup_models(pipe.unet)
+            sizes.append(len(batches))
+            x = scheduler.step(guider(batches).pred, t, x, return_dict=False)[0]
+    assert sizes == [3 if strategy.inner != gk.CFG(1.0) else 2] * steps
+    assert float((ours - x).abs().max()) < 1e-5 * float(x.abs().max())  # batch 1 vs 2: float32 rounding only
+    assert (
+        float(
+            (
+                ours
+                - generate(
+                    pipe,
+                    strategy.inner,
+                    num_inference_steps=steps,
+                    latents=latents.clone(),
+                    negative_prompt="",
+                    output_type="latent",
+                    **kw,
+                ).images
+            )
+            .abs()
+            .max()
+        )
+        > 1e-3
+    )
+    assert dict(pipe.unet.attn_processors) == processors
+    assert not [n for n, m in pipe.unet.named_modules() if "forward" in m.__dict__]
+
+
+def test_the_modular_guider_refuses_nag_by_name():
+    from diffusers import EulerDiscreteScheduler
+
+    from guidekit.integrations.diffusers import GuidekitGuider
+
+    scheduler = EulerDiscreteScheduler()
+    scheduler.set_timesteps(4)
+    guider = GuidekitGuider(gk.NAG(), scheduler=scheduler)
+    guider.set_state(0, 4, scheduler.timesteps[0])
+    with pytest.raises(gk.ConfigError, match="modular guider runs batches"):
+        guider.prepare_inputs({"prompt_embeds": (torch.zeros(1), torch.ones(1))})

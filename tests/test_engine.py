@@ -127,7 +127,7 @@ def guider_denoiser(strategy: gk.GuidanceStrategy, adapter: VPModel, scheduler: 
 
 def guider_limits(s: gk.GuidanceStrategy) -> str | None:
     if s.perturbations():
-        return "plans a perturbed forward, which a modular guider does not run"
+        return "plans a perturbed forward: this loop runs cond/uncond (test_diffusers_perturbations drives those)"
     if "weak" in s.models():
         return "evaluates a weak model, which a modular pipeline does not run"
     if s.sampler_coupled:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,7 +24,7 @@ import torch
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 from torch import Tensor
 
-from ...branch import Branch
+from ...branch import COND, Branch
 from ...config import build, to_spec
 from ...context import GuidanceContext, PredictionSpace, StrategySpace
 from ...engine import Backend, Engine, Position
@@ -31,21 +32,33 @@ from ...errors import ConfigError, GuidekitError
 from ...ops.shapes import from_canonical, parse_layout, to_canonical
 from ...strategies.base import GuidanceStrategy
 from .families import noise_schedule, parse_prediction_type, prediction_space
+from .perturb import KINDS, applied
 
 __all__ = ["DiffusersGuidance", "GuidekitGuider"]
 
 _UNSET: Any = object()
+_TUPLE_INDEX = {"cond": 0, "uncond": 1}
+"""Where a branch's condition sits in the ``(cond, uncond)`` tuples of a modular pipeline's inputs."""
+_PAIR = frozenset({"cond", "uncond"})
+
+
+def _identifier(branch: Branch) -> str:
+    """The name a batch's prediction reaches :meth:`GuidekitGuider.forward` under: ``pred_<branch name>``."""
+    return f"pred_{branch.name}"
 
 
 class GuidekitGuider(BaseGuidance):
     """A guidekit strategy as a diffusers guider (modular pipelines: ``pipe.update_components(guider=...)``).
 
     Each step the loop calls ``set_state(step, num_inference_steps, timestep)``. The guider turns the
-    timestep into EDM sigma with ``scheduler`` and builds the strategy's context. ``num_conditions`` is 2
-    when the strategy needs the unconditional branch, and 1 otherwise: outside ``[start, stop)``, where
-    the strategy does not need it (Interval outside its band, scale 1), or when disabled. A repeated
-    step index is treated as a corrector evaluation (Heun), so the strategy's state advances once per
-    step. The state restarts at step 0.
+    timestep into EDM sigma with ``scheduler`` and builds the strategy's context. ``num_conditions`` is the
+    number of branches this evaluation's plan has, ``cond`` first: 1 outside ``[start, stop)``, where the
+    strategy needs no other branch (Interval outside its band, scale 1), or when disabled; 2 with the
+    unconditional branch; one more per perturbed branch (PAG, SEG, SLG, STG). A perturbed batch is the
+    conditional inputs, run with the perturbation that ``prepare_models`` applies to the denoiser and
+    ``cleanup_models`` removes (the diffusers backend's processors and block skips). A repeated step index
+    is treated as a corrector evaluation (Heun), so the strategy's state advances once per step. The state
+    restarts at step 0.
 
     Args:
         strategy: a guidekit strategy, or its spec (``{"name": ..., "params": ...}``, as stored in the
@@ -98,45 +111,60 @@ class GuidekitGuider(BaseGuidance):
         self._step_sigmas = (0.0, 0.0)
         self._at: tuple[float, float, Tensor] | None = None
         self._schedule: tuple[Tensor, Tensor] | None = None
+        self._batches: list[Branch] | None = None
+        self._applied = ExitStack()
 
     # -- the guider protocol ------------------------------------------------------------------------
     def set_state(self, step: int, num_inference_steps: int, timestep: Any) -> None:
         super().set_state(step, num_inference_steps, timestep)
         self._at: tuple[float, float, Tensor] | None = None  # this evaluation's sigmas, read once
+        self._batches = None
+        self._applied.close()
 
     def prepare_inputs(self, data: dict[str, Any]) -> list[Any]:
-        indices = [0] if self.num_conditions == 1 else [0, 1]
-        return [self._prepare_batch(data, i, name) for i, name in zip(indices, self._input_predictions, strict=False)]
+        return [self._prepare_batch(data, _TUPLE_INDEX[b.condition], _identifier(b)) for b in self._plan_batches()]
 
     def prepare_inputs_from_block_state(self, data: Any, input_fields: dict[str, Any]) -> list[Any]:
-        indices = [0] if self.num_conditions == 1 else [0, 1]
         return [
-            self._prepare_batch_from_block_state(input_fields, data, i, name)
-            for i, name in zip(indices, self._input_predictions, strict=False)
+            self._prepare_batch_from_block_state(input_fields, data, _TUPLE_INDEX[b.condition], _identifier(b))
+            for b in self._plan_batches()
         ]
+
+    def prepare_models(self, denoiser: Any) -> None:
+        """Count the batch, and apply its perturbation to ``denoiser`` (until :meth:`cleanup_models`)."""
+        super().prepare_models(denoiser)
+        self._applied.close()
+        batch = self._current_batch()
+        if batch is not None and batch.perturbation is not None:
+            self._applied.enter_context(applied(denoiser, batch.perturbation))
+
+    def cleanup_models(self, denoiser: Any) -> None:
+        """Remove what :meth:`prepare_models` applied (processors and block forwards restored)."""
+        self._applied.close()
 
     @property
     def num_conditions(self) -> int:
-        """2 when this evaluation's plan has the unconditional branch, else 1 (the pipeline always runs
-        ``cond``; on an empty plan, CFG-Zero*'s zero-init steps, its prediction goes unused)."""
-        if not self._in_window():
-            return 1
-        plan = self._engine_for().preview(torch.ones(1), self._position())
-        return 2 if any(b.name == "uncond" for b in plan) else 1
+        """The number of batches this evaluation's plan runs: ``cond`` always (on an empty plan, CFG-Zero*'s
+        zero-init steps, its prediction goes unused), ``uncond`` when planned, one per perturbed branch."""
+        return len(self._plan_batches())
 
     @property
     def is_conditional(self) -> bool:
-        return self._count_prepared == 1
+        batch = self._current_batch()
+        return batch is None or batch.condition == "cond"
 
-    def forward(self, pred_cond: Tensor, pred_uncond: Tensor | None = None) -> GuiderOutput:
-        """The guided prediction. ``pred_uncond`` is ``None`` when ``num_conditions`` was 1."""
+    def forward(self, pred_cond: Tensor, pred_uncond: Tensor | None = None, **others: Tensor) -> GuiderOutput:
+        """The guided prediction. ``pred_uncond`` is ``None`` when the plan has no unconditional branch;
+        perturbed branches arrive as ``pred_<branch name>`` (``pred_perturbed``)."""
         if not self._in_window():
             return GuiderOutput(pred=pred_cond, pred_cond=pred_cond, pred_uncond=pred_uncond)
         engine = self._engine_for()
         cond = to_canonical(pred_cond, self.layout)
-        preds = (
-            {"cond": cond} if pred_uncond is None else {"cond": cond, "uncond": to_canonical(pred_uncond, self.layout)}
-        )
+        preds = {"cond": cond}
+        if pred_uncond is not None:
+            preds["uncond"] = to_canonical(pred_uncond, self.layout)
+        for key, pred in others.items():
+            preds[key.removeprefix("pred_")] = to_canonical(pred, self.layout)
         sigma = torch.full((cond.shape[0],), self._sigma_at()[0], dtype=torch.float64)
         pending = engine.plan(None, sigma, self._position(), like=cond)
         given = {name: preds[name] for name in (b.name for b in pending.plan) if name in preds}
@@ -145,6 +173,25 @@ class GuidekitGuider(BaseGuidance):
         return GuiderOutput(pred=from_canonical(out.guided, self.layout), pred_cond=pred_cond, pred_uncond=pred_uncond)
 
     # -- helpers ------------------------------------------------------------------------------------
+    def _plan_batches(self) -> list[Branch]:
+        """This evaluation's branches in the order the pipeline runs them: ``cond``, ``uncond``, the rest."""
+        if self._batches is None:
+            batches = [COND]
+            if self._in_window():
+                engine = self._engine_for()
+                plan = engine.preview(torch.ones(1), self._position())
+                batches = [next((b for b in plan if b.name == "cond"), COND)]  # NAG perturbs the cond branch itself
+                batches += [b for b in plan if b.name == "uncond"] + [b for b in plan if b.name not in _PAIR]
+                for branch in batches:
+                    engine.backend.check_branch(branch)
+            self._batches = batches
+        return self._batches
+
+    def _current_batch(self) -> Branch | None:
+        """The branch of the batch being prepared (``None`` before the first ``prepare_models``)."""
+        batches, k = self._plan_batches(), self._count_prepared - 1
+        return batches[k] if 0 <= k < len(batches) else None
+
     def _engine_for(self) -> Engine:
         if self._engine is None:
             backend = GuiderBackend(self._prediction_space())
@@ -235,10 +282,16 @@ class GuiderBackend(Backend):
         return self._space
 
     def check_branch(self, branch: Branch) -> None:
-        if branch.model != "main" or branch.condition not in ("cond", "uncond") or branch.perturbation is not None:
+        perturbation = branch.perturbation
+        if (
+            branch.model != "main"
+            or branch.condition not in _TUPLE_INDEX
+            or (perturbation is not None and (perturbation.kind not in KINDS or perturbation.conditions()))
+        ):
             raise ConfigError(
-                f"strategy: a modular guider receives the cond and uncond predictions only, got branch {branch!r} "
-                "(use guidekit.sample or guidekit.integrations.diffusers.generate)"
+                "strategy: a modular guider runs batches of the pipeline's cond and uncond inputs, each on its own, "
+                f"perturbed with {sorted(k for k in KINDS if k != 'normalized-attention')} or not; got branch "
+                f"{branch!r} (use guidekit.sample or guidekit.integrations.diffusers.generate)"
             )
 
     def forward(
