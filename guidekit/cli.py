@@ -99,6 +99,8 @@ def _split_params(text: str) -> list[str]:
 
 def _check_numbers(args: argparse.Namespace) -> None:
     """The counts and seeds of a run, before any work (argparse only checks that they are integers)."""
+    if args.per_class is None:  # the model's default: 20 per digit; 4 per glyphs prompt (50 prompts, 200 samples)
+        args.per_class = 4 if getattr(args, "model", "digits") == "glyphs" else 20
     counts(args, "steps", "per_class", "threads")
     seeds("--seeds", args.seeds)
 
@@ -129,6 +131,13 @@ def _report(table: str, out: str, names: list[str], quiet: bool) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Every registered strategy over a small sweep of strengths on the embedded digits model."""
     _check_numbers(args)
+    if args.model == "glyphs":
+        if args.video or args.task is not None:
+            what = "--video" if args.video else f"--task {args.task}"
+            raise CLIError(f"--model: expected digits with {what} (it runs on the digits models), got 'glyphs'")
+        from .zoo.glyphs.demo import run_from_demo_args as run_glyphs
+
+        return run_glyphs(args)
     if args.task is not None:
         if args.video:
             raise CLIError(f"--task: expected no --video (inverse problems run on the image model), got {args.task!r}")
@@ -194,7 +203,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     settings = _settings(args)
     entries = [Entry.of(s) for s in strategies]
     with StagedOutput(args.out, IMAGE_OUTPUTS, args.force) as folder, torch_threads(args.threads):
-        bench = GMMBench() if args.model == "gmm" else DigitsBench()
+        if args.model == "glyphs":
+            from .zoo.glyphs.bench import GlyphsBench
+
+            bench: Any = GlyphsBench()
+        else:
+            bench = GMMBench() if args.model == "gmm" else DigitsBench()
         comparison = run_comparison(bench, entries, settings, args.seeds, progress=not args.quiet)
         table, names = _write_run(comparison, folder)
     _report(table, args.out, names, args.quiet)
@@ -279,12 +293,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # -- parser --------------------------------------------------------------------------------------------
-def _add_run_options(p: argparse.ArgumentParser, per_class: int, steps: int) -> None:
+def _add_run_options(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
     p.add_argument("--sampler", default="ddim", help="any registered sampler (guidekit list samplers); default ddim")
     p.add_argument("--steps", type=int, default=steps, help=f"sampler steps (default {steps})")
     p.add_argument("--schedule", default="trailing", help="noise schedule name (default trailing, as DDIM)")
-    p.add_argument("--per-class", type=int, default=per_class, help=f"samples per class (default {per_class})")
+    p.add_argument(
+        "--per-class", type=int, default=None,
+        help="samples per class (default 20 per digit; with --model glyphs 4 per prompt, 200 samples)",
+    )  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds, shared by all strategies")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for this tiny model)")
     p.add_argument("--force", action="store_true", help="replace an earlier run in --out (other files stay)")
@@ -296,7 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,compare,sweep,list,train}")
 
     demo = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
-    _add_run_options(demo, per_class=20, steps=12)
+    _add_run_options(demo, steps=12)
+    demo.add_argument(
+        "--model", choices=["digits", "glyphs"], default="digits",
+        help="embedded model (default digits; glyphs: 16x16 prompt-conditional glyphs with attention)",
+    )  # fmt: skip
     demo.add_argument("--only", nargs="+", metavar="NAME", help="only these registered strategies")
     demo.add_argument("--video", action="store_true", help="the moving-digits video model instead (GIFs + metrics)")
     demo.add_argument(
@@ -311,8 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="'cfg:scale=3', 'samg:w_min=1,w_max=3' or a JSON spec '{\"name\": \"apg\", \"params\": {...}}'",
     )  # fmt: skip
     compare.add_argument("--spec", action="append", metavar="FILE", help="a JSON or TOML spec file (repeatable)")
-    compare.add_argument("--model", choices=["digits", "gmm"], default="digits", help="embedded model (default digits)")
-    _add_run_options(compare, per_class=20, steps=20)
+    compare.add_argument(
+        "--model", choices=["digits", "gmm", "glyphs"], default="digits", help="embedded model (default digits)"
+    )
+    _add_run_options(compare, steps=20)
     compare.set_defaults(func=cmd_compare)
 
     sweep = sub.add_parser("sweep", help=cmd_sweep.__doc__, description=cmd_sweep.__doc__)
