@@ -8,7 +8,7 @@ CFG(scale=7.5)
 from __future__ import annotations
 
 from . import energy, engine, losses, ops, perturbations, strategies
-from .branch import COND, UNCOND, Branch, NoPerturbation, Perturbation
+from .branch import COND, UNCOND, AttentionMaps, Branch, FollowUp, NoPerturbation, Perturbation
 from .config import ComponentSpec, build, load_spec, to_spec
 from .context import GuidanceContext
 from .errors import (
@@ -31,6 +31,7 @@ from .strategies import (
     FDG,
     NAG,
     PAG,
+    SAG,
     SAMG,
     SEG,
     SLG,
@@ -64,6 +65,7 @@ __all__ = [
     "NAG",
     "PAG",
     "REGISTRIES",
+    "SAG",
     "SAMG",
     "SEG",
     "SLG",
@@ -73,6 +75,7 @@ __all__ = [
     "UNCOND",
     "AdaptiveGuidance",
     "AutoGuidance",
+    "AttentionMaps",
     "Branch",
     "CFGPlusPlus",
     "CFGZeroStar",
@@ -85,6 +88,7 @@ __all__ = [
     "GuidekitError",
     "Interval",
     "LayoutError",
+    "FollowUp",
     "NoPerturbation",
     "NonFiniteError",
     "Perturbation",

@@ -15,18 +15,69 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from dataclasses import dataclass, replace
+from typing import ClassVar, NamedTuple, TypeVar
+
+from torch import Tensor
 
 from .errors import ConfigError
 
 T = TypeVar("T")
 
-__all__ = ["COND", "UNCOND", "Branch", "NoPerturbation", "Perturbation", "Plan", "merge_plans"]
+__all__ = [
+    "COND",
+    "UNCOND",
+    "AttentionMaps",
+    "Branch",
+    "FollowUp",
+    "NoPerturbation",
+    "Perturbation",
+    "Plan",
+    "merge_plans",
+    "observation_key",
+    "split_observations",
+]
+
+
+class _Selected:
+    """Layer selection shared by :class:`Perturbation` and :class:`AttentionMaps`: ``layers`` are selectors
+    each backend resolves to its own modules, the same way (:meth:`matches`, :meth:`select`)."""
+
+    role: ClassVar[str] = "layers"
+    layers: tuple[str, ...]
+
+    def matches(self, selector: str, name: str) -> bool:
+        """Whether ``selector`` picks the module called ``name``: a regular-expression search, less
+        diffusers' "fake integral match" (``pag_applied_layers``), so every backend reads a selector alike."""
+        if re.search(selector, name) is None:
+            return False
+        last, own = selector.split(".")[-1], name.split(".")[-1]
+        return not (last.isnumeric() and own.isnumeric() and last == own)
+
+    def select(self, candidates: Mapping[str, T], what: str, owner: str) -> list[T]:
+        """The candidates (``{module name: module}``) the ``layers`` selectors pick, in one list without
+        repeats; a selector that picks none is refused, naming the ``what``s of ``owner`` there are."""
+        return list(self.select_named(candidates, what, owner).values())
+
+    def select_named(self, candidates: Mapping[str, T], what: str, owner: str) -> dict[str, T]:
+        """Like :meth:`select`, keyed by module name."""
+        chosen: dict[str, T] = {}
+        for selector in self.layers:
+            hits = {n: m for n, m in candidates.items() if self.matches(selector, n)}
+            if not hits:
+                shallow = sorted(n for n in candidates if n.count(".") <= 1)  # the blocks, not their sublayers
+                shown = (
+                    sorted(candidates) if len(candidates) <= 40 else [*shallow[:60], f"... ({len(candidates)} in all)"]
+                )
+                raise ConfigError(
+                    f"{self.role}: layer selector {selector!r} matches no {what} of {owner}; its {what}s are {shown}"
+                )
+            chosen.update(hits)
+        return chosen
 
 
 @dataclass(frozen=True)
-class Perturbation:
+class Perturbation(_Selected):
     """What to change in the network for one forward (frozen, hashable, model-agnostic).
 
     Subclasses name a ``kind`` and the layers they act on with a selector (``layers``: names or patterns
@@ -38,19 +89,12 @@ class Perturbation:
     """
 
     kind: ClassVar[str] = "perturbation"
+    role: ClassVar[str] = "perturbation"
     layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, tuple) or not all(isinstance(x, str) for x in self.layers):
             raise ConfigError(f"layers: expected a tuple of layer names or patterns, got {self.layers!r}")
-
-    def matches(self, selector: str, name: str) -> bool:
-        """Whether ``selector`` picks the module called ``name``: a regular-expression search, less
-        diffusers' "fake integral match" (``pag_applied_layers``), so every backend reads a selector alike."""
-        if re.search(selector, name) is None:
-            return False
-        last, own = selector.split(".")[-1], name.split(".")[-1]
-        return not (last.isnumeric() and own.isnumeric() and last == own)
 
     def conditions(self) -> tuple[str, ...]:
         """The conditions, beyond the branch's own, whose rows this perturbation's forward carries (NAG's
@@ -58,29 +102,34 @@ class Perturbation:
         and returns only the branches' predictions; the engine counts those rows in the NFE."""
         return ()
 
-    def select(self, candidates: Mapping[str, T], what: str, owner: str) -> list[T]:
-        """The candidates (``{module name: module}``) the ``layers`` selectors pick, in one list without
-        repeats; a selector that picks none is refused, naming the ``what``s of ``owner`` there are."""
-        chosen: dict[str, T] = {}
-        for selector in self.layers:
-            hits = {n: m for n, m in candidates.items() if self.matches(selector, n)}
-            if not hits:
-                shallow = sorted(n for n in candidates if n.count(".") <= 1)  # the blocks, not their sublayers
-                shown = (
-                    sorted(candidates) if len(candidates) <= 40 else [*shallow[:60], f"... ({len(candidates)} in all)"]
-                )
-                raise ConfigError(
-                    f"perturbation: layer selector {selector!r} matches no {what} of {owner}; its {what}s are {shown}"
-                )
-            chosen.update(hits)
-        return list(chosen.values())
-
 
 @dataclass(frozen=True)
 class NoPerturbation(Perturbation):
     """The identity perturbation: the forward is the plain one (every backend supports it)."""
 
     kind: ClassVar[str] = "none"
+
+
+@dataclass(frozen=True)
+class AttentionMaps(_Selected):
+    """Attention maps a branch asks its forward to record (SAG, S-CFG): the observer.
+
+    ``layers`` select attention modules as perturbations do; ``which`` is ``"self"`` (self-attention) or
+    ``"cross"`` (cross-attention: a key that is not the query; diffusers' ``is_cross_attention``). The
+    backend records, for the branch's rows, each selected layer's attention probabilities averaged over
+    heads, ``(b, queries, keys)``, without changing the forward, and the engine hands them to the strategy
+    as ``ctx.attention[branch name][layer name]``. Nothing is hooked for a plan that asks for none.
+    """
+
+    role: ClassVar[str] = "observe"
+    layers: tuple[str, ...] = ("mid",)
+    which: str = "self"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layers, tuple) or not self.layers or not all(isinstance(x, str) for x in self.layers):
+            raise ConfigError(f"layers: expected a tuple of one or more layer selectors, got {self.layers!r}")
+        if self.which not in ("self", "cross"):
+            raise ConfigError(f"which: expected 'self' or 'cross', got {self.which!r}")
 
 
 @dataclass(frozen=True)
@@ -96,6 +145,8 @@ class Branch:
         grad: evaluate with the autograd graph back to the noisy sample: the strategy may differentiate
             the prediction with respect to ``ctx.x`` (loss guidance: DPS, DSG). Costs the forward's
             activations in memory; other branches run without a graph.
+        observe: ``None`` or the :class:`AttentionMaps` to record during this branch's forward (it does not
+            change the forward, so it does not change the grouping).
     """
 
     name: str
@@ -103,6 +154,7 @@ class Branch:
     model: str = "main"
     perturbation: Perturbation | None = None
     grad: bool = False
+    observe: AttentionMaps | None = None
 
     def __post_init__(self) -> None:
         for field in ("name", "condition", "model"):
@@ -113,6 +165,8 @@ class Branch:
             raise ConfigError(f"grad: expected True or False, got {self.grad!r}")
         if self.perturbation is not None and not isinstance(self.perturbation, Perturbation):
             raise ConfigError(f"perturbation: expected None or a Perturbation, got {type(self.perturbation).__name__}")
+        if self.observe is not None and not isinstance(self.observe, AttentionMaps):
+            raise ConfigError(f"observe: expected None or AttentionMaps, got {type(self.observe).__name__}")
 
     @property
     def group(self) -> tuple[str, Perturbation | None, bool]:
@@ -124,18 +178,61 @@ class Branch:
 Plan = tuple[Branch, ...]
 """The branches one evaluation needs, in the order the engine batches them."""
 
+
+class FollowUp(NamedTuple):
+    """A second stage of one evaluation (SAG): branches evaluated at a sample the strategy built from the
+    first stage's predictions (``GuidanceStrategy.follow_up``).
+
+    Attributes:
+        plan: the stage's branches (names distinct from the first stage's).
+        x: the EDM sample ``(b, c, *spatial)`` they are evaluated at, at the evaluation's own sigma; their
+            predictions are converted into the strategy's space at this ``x``.
+    """
+
+    plan: Plan
+    x: Tensor
+
+
 COND = Branch("cond", condition="cond")
 """The conditional prediction."""
 UNCOND = Branch("uncond", condition="uncond")
 """The unconditional prediction (the negative prompt in a text-to-image pipeline)."""
 
 
+def observation_key(branch: str, layer: str) -> str:
+    """Where a backend returns the map of ``layer`` recorded for ``branch`` beside the predictions."""
+    return f"{branch}{_OBSERVED}{layer}"
+
+
+_OBSERVED = "@attention:"
+
+
+def split_observations(
+    native: Mapping[str, T],
+) -> tuple[dict[str, T], dict[str, dict[str, T]]]:
+    """A backend's answer split into ``{branch: prediction}`` and ``{branch: {layer: attention map}}``."""
+    preds: dict[str, T] = {}
+    maps: dict[str, dict[str, T]] = {}
+    for key, value in native.items():
+        branch, sep, layer = key.partition(_OBSERVED)
+        if sep:
+            maps.setdefault(branch, {})[layer] = value
+        else:
+            preds[key] = value
+    return preds, maps
+
+
 def merge_plans(*plans: Iterable[Branch]) -> Plan:
-    """The union of plans, first occurrence first; two different branches with one name are refused."""
+    """The union of plans, first occurrence first; two different branches with one name are refused, except
+    that a branch that observes attention (``observe``) absorbs the same branch without it."""
     out: dict[str, Branch] = {}
     for plan in plans:
         for branch in plan:
             seen = out.setdefault(branch.name, branch)
+            same = seen == branch or replace(seen, observe=None) == replace(branch, observe=None)
+            if same and (seen.observe is None or branch.observe is None):
+                out[branch.name] = seen if seen.observe is not None else branch
+                continue
             if seen != branch:
                 raise ConfigError(
                     f"branches: expected one definition per branch name, got {seen!r} and {branch!r} for "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -40,6 +41,9 @@ class GuidanceContext:
             knows the schedule: the same for every evaluation of a step (predictor, corrector, a churned
             ``sigma_hat``) and in every dtype. Decisions on the noise level (Interval's window) read it, so
             a window means the same steps in float32 and float64 and on every sampler.
+        attention: the attention maps the plan's branches asked to record (``Branch.observe``),
+            ``{branch name: {layer name: (b, queries, keys) map averaged over heads}}``; ``None`` when none
+            did (SAG, S-CFG read them).
         condition: ``(b, ...)`` the condition of the ``cond`` branch as the caller gave it (class labels
             ``(b,)`` for guidekit's models), when it is a tensor with one row per sample; ``None`` when the
             caller has none to show (the diffusers paths, direct calls). Strategies whose weights depend on
@@ -56,6 +60,7 @@ class GuidanceContext:
     x: Tensor | None = None
     allow_nonfinite: bool = False
     step_sigma: float | None = None
+    attention: Mapping[str, Mapping[str, Tensor]] | None = None
     condition: Tensor | None = None
 
     @classmethod

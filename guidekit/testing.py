@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .branch import Branch
+from .branch import Branch, observation_key
 from .config import ComponentSpec, build, to_spec
 from .context import GuidanceContext
 from .engine.backend import Backend
@@ -541,9 +541,9 @@ def _plan_predictions(plan: Sequence[Branch], c: Tensor, u: Tensor) -> dict[str,
 
 
 def check_plan(s: GuidanceStrategy, ex: Example) -> str | None:
-    """The plan is a tuple of :class:`~guidekit.branch.Branch` with unique names, on models and
-    perturbation kinds the strategy declares, and names every prediction the combine reads (a combine
-    given only the plan's predictions runs and matches the two-branch call where the plan is
+    """The plan is a tuple of :class:`~guidekit.branch.Branch` with unique names, on models, perturbation
+    kinds and attention observers the strategy declares, and names every prediction the combine reads (a
+    combine given only the plan's predictions runs and matches the two-branch call where the plan is
     ``cond``/``uncond``)."""
     c, u = ex.pred_cond, ex.pred_uncond
     for step, sub in ((0, 0), (0, 1), (5, 0)):
@@ -558,6 +558,12 @@ def check_plan(s: GuidanceStrategy, ex: Example) -> str | None:
         unknown = {b.model for b in plan} - s.models()
         if unknown:
             return f"branches() used models {sorted(unknown)} that models() = {sorted(s.models())} does not declare"
+        watched = {b.observe.which for b in plan if b.observe is not None} - s.observers()
+        if watched:
+            return (
+                f"branches() recorded attention maps {sorted(watched)} that observers() = "
+                f"{sorted(s.observers())} does not declare"
+            )
         kinds = {b.perturbation.kind for b in plan if b.perturbation is not None} - s.perturbations()
         if kinds:
             return (
@@ -595,7 +601,19 @@ class _CountingBackend(Backend):
     def forward(self, x: Tensor, sigma: Tensor, branches: Sequence[Branch], conditions: Any) -> dict[str, Tensor]:
         carried = branches[0].perturbation.conditions() if branches[0].perturbation is not None else ()
         self.rows += len(branches) * (1 + len(carried)) * x.shape[0]  # a perturbation's own conditions' rows
-        return _plan_predictions(branches, self.c, self.u)
+        preds = _plan_predictions(branches, self.c, self.u)
+        for branch in branches:  # an observed branch gets a stand-in attention map over its full-size tokens
+            if branch.observe is not None:
+                preds[observation_key(branch.name, "stand-in")] = _stand_in_map(self.c)
+        return preds
+
+
+def _stand_in_map(like: Tensor) -> Tensor:
+    """A fixed attention map ``(b, n, n)`` over the ``n`` spatial positions of ``like`` (softmax rows)."""
+    n = math.prod(like.shape[2:])
+    gen = torch.Generator().manual_seed(7)
+    logits = 3.0 * torch.randn(like.shape[0], n, n, generator=gen, dtype=torch.float64)
+    return torch.softmax(logits, dim=-1).to(device=like.device, dtype=like.dtype)
 
 
 def check_nfe(s: GuidanceStrategy, ex: Example) -> str | None:

@@ -67,8 +67,8 @@ def cases(reason: Any) -> list[Any]:
 
 def native_limits(s: gk.GuidanceStrategy) -> str | None:
     return (
-        "plans a perturbed forward, which needs an nn.Module (the oracle is a function)"
-        if bool(s.perturbations())
+        "plans a perturbed or observed forward, which needs an nn.Module (the oracle is a function)"
+        if bool(s.perturbations() or s.observers())
         else None
     )
 
@@ -126,8 +126,11 @@ def guider_denoiser(strategy: gk.GuidanceStrategy, adapter: VPModel, scheduler: 
 
 
 def guider_limits(s: gk.GuidanceStrategy) -> str | None:
-    if s.perturbations():
-        return "plans a perturbed forward: this loop runs cond/uncond (test_diffusers_perturbations drives those)"
+    if s.perturbations() or s.observers():
+        return (
+            "plans a perturbed or observed forward: this loop runs cond/uncond (test_diffusers_perturbations "
+            "drives those)"
+        )
     if "weak" in s.models():
         return "evaluates a weak model, which a modular pipeline does not run"
     if s.sampler_coupled:

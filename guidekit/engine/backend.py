@@ -12,15 +12,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from ..branch import Branch, NoPerturbation, Perturbation
+from ..branch import AttentionMaps, Branch, NoPerturbation, Perturbation, observation_key
 from ..errors import ConfigError, ShapeError
 from ..ops.spaces import PredictionSpace
 from ..samplers.adapters import ModelAdapter
+from .observe import observed
 from .perturb import KINDS as PERTURBATION_KINDS
 from .perturb import applied
 
@@ -123,6 +125,9 @@ class NativeBackend(Backend):
         batched = self._batched(conditions, branches, x.shape[0])
         kw = {"allow_nonfinite": self.allow_nonfinite}
         perturbation = branches[0].group[1]
+        specs = list(dict.fromkeys(b.observe for b in branches if b.observe is not None))
+        if specs:
+            return self._observing(specs, model, x, sigma, branches, conditions)
         if perturbation is None:
             return self._predict(model, x, sigma, branches, batched, kw)
         extra = perturbation.conditions()
@@ -155,6 +160,27 @@ class NativeBackend(Backend):
         with applied(model.model, branches[0].perturbation, rows=k * b):
             pred = model.predict(torch.cat([x] * n), torch.cat([sigma] * n), both, **kw)
         return dict(zip((br.name for br in branches), pred[: k * b].split(b), strict=True))
+
+    def _observing(
+        self,
+        specs: list[AttentionMaps],
+        model: ModelAdapter,
+        x: Tensor,
+        sigma: Tensor,
+        branches: Sequence[Branch],
+        conditions: Mapping[str, Any],
+    ) -> dict[str, Tensor]:
+        """The group's forward with the attention maps its branches ask for recorded, each branch's rows
+        returned beside the predictions (:func:`~guidekit.branch.observation_key`)."""
+        plain = [replace(b, observe=None) for b in branches]
+        with observed(model.model, specs) as record:
+            preds = self.forward(x, sigma, plain, conditions)
+        b = x.shape[0]
+        for i, branch in enumerate(branches):
+            if branch.observe is not None:
+                for layer, amap in record[branch.observe].items():
+                    preds[observation_key(branch.name, layer)] = amap[i * b : (i + 1) * b]
+        return preds
 
     @staticmethod
     def _predict(

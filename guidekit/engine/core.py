@@ -31,9 +31,9 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from ..branch import Branch, Perturbation, Plan
+from ..branch import Branch, Perturbation, Plan, split_observations
 from ..context import GuidanceContext
-from ..errors import ConfigError, GuidekitError
+from ..errors import ConfigError, GuidekitError, ShapeError
 from ..ops.spaces import PredictionSpace, compute_dtype, convert, x_for_space
 from ..strategies.base import GuidanceStrategy, nested_strategies
 from .backend import Backend
@@ -112,6 +112,8 @@ class _PlanFacts(NamedTuple):
     graph: bool
     rows: int
     """Network rows per sample: one per branch, plus the rows of conditions a perturbation carries (NAG)."""
+    observes: bool
+    """Whether a branch records attention maps (the backend's answer then holds them beside the predictions)."""
 
 
 class Pending(NamedTuple):
@@ -122,6 +124,8 @@ class Pending(NamedTuple):
     state: Any
     x: Tensor | None
     sigma: Tensor
+    xs: Mapping[str, Tensor] | None = None
+    """The sample a branch was evaluated at where it is not ``x`` (a follow-up stage's, SAG's ``x̃``)."""
 
 
 class Evaluation(NamedTuple):
@@ -195,6 +199,7 @@ class Engine:
         self.space: PredictionSpace = self._resolve_space()
         self._native = backend.prediction("main")
         self._coupled = strategy.sampler_coupled
+        self._follows = strategy.follows_up
         self._lock = threading.Lock()
         self._facts: dict[Plan, _PlanFacts] = {}
         self._last_plan: tuple[Plan, _PlanFacts] | None = None
@@ -236,6 +241,8 @@ class Engine:
         try:
             pending = self.plan(x, sigma, position)
             preds = self.run(pending)
+            if self._follows:
+                pending, preds = self.follow(pending, preds)
             return self.complete(pending, preds)
         finally:
             self._lock.release()
@@ -273,10 +280,13 @@ class Engine:
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
                 ctx = ctx.replace(x=x_for_space(x, sigma, self.space))
-        elif x is None and facts.graph:
+        elif x is None and (facts.graph or self._follows):
+            what = (
+                "differentiates through the model" if facts.graph else "evaluates a second stage at a sample it builds"
+            )
             raise ConfigError(
-                f"strategy: {type(self.strategy).__name__} differentiates through the model, which needs the "
-                "noisy sample; this backend never shows it (use guidekit.sample or generate)"
+                f"strategy: {type(self.strategy).__name__} {what}, which needs the noisy sample; this backend "
+                "never shows it (use guidekit.sample or generate)"
             )
         return Pending(ctx, plan, state, x, sigma)
 
@@ -319,6 +329,7 @@ class Engine:
                 any(b.name != "cond" for b in plan),
                 any(b.grad for b in plan),
                 sum(1 + (len(b.perturbation.conditions()) if b.perturbation is not None else 0) for b in plan),
+                any(b.observe is not None for b in plan),
             )
         self._last_plan = (plan, facts)
         return facts
@@ -360,6 +371,36 @@ class Engine:
                 preds.update(self.backend.forward_plan(pending.x.detach(), pending.sigma, plain, self.conditions))
         return preds
 
+    def follow(self, pending: Pending, native: Mapping[str, Tensor]) -> tuple[Pending, dict[str, Tensor]]:
+        """The strategy's second stage (:meth:`GuidanceStrategy.follow_up`, SAG), if it asks for one: its
+        branches run at the sample it builds from the first stage's predictions, and join the plan (their
+        predictions are converted at that sample; they count in the NFE like any branch)."""
+        ctx, plan, state, x, sigma = pending[:5]
+        assert x is not None
+        answers, maps = split_observations(native)
+        if maps:
+            ctx = ctx.replace(attention=maps)
+        preds = {b.name: self._to_space(answers[b.name], b, x, sigma) for b in plan}
+        stage = self.strategy.follow_up(preds, ctx, state)
+        if stage is None:
+            return pending, dict(native)
+        clash = sorted({b.name for b in stage.plan} & set(preds))
+        if clash:
+            raise ConfigError(f"follow_up: expected branch names other than the first stage's, got {clash} again")
+        if stage.x.shape != x.shape:
+            raise ShapeError(f"follow_up: expected a sample of shape {tuple(x.shape)}, got {tuple(stage.x.shape)}")
+        for branch in stage.plan:
+            self.backend.check_branch(branch)
+        x2 = stage.x.detach().to(dtype=x.dtype)
+        grouped = list(groups(stage.plan).values())
+        if self.max_batch is not None:
+            grouped = self._split(grouped, x.shape[0])
+        self.forwards += len(grouped)
+        with torch.no_grad():
+            second = self.backend.forward_plan(x2, sigma, grouped, self.conditions)
+        full = Pending(pending.ctx, plan + stage.plan, state, x, sigma, {b.name: x2 for b in stage.plan})
+        return full, {**native, **second}
+
     def _split(self, grouped: list[list[Branch]], batch: int) -> list[list[Branch]]:
         """Groups cut into forwards of at most ``max_batch`` rows (whole branches of ``batch`` rows each)."""
         assert self.max_batch is not None
@@ -373,7 +414,11 @@ class Engine:
 
     def complete(self, pending: Pending, native: Mapping[str, Tensor]) -> Evaluation:
         """Convert the plan's predictions, combine, commit the state and record (after the forwards)."""
-        ctx, plan, state, x, sigma = pending
+        ctx, plan, state, x, sigma, xs = pending
+        if self._plan_facts(plan).observes:
+            native, maps = split_observations(native)
+            if maps:
+                ctx = ctx.replace(attention=maps)
         missing = [b.name for b in plan if b.name not in native]
         if missing:
             raise ConfigError(f"predictions: expected one for every branch of the plan, missing {missing}")
@@ -385,9 +430,9 @@ class Engine:
             ctx = ctx.replace(sigma=ctx.sigma.to(compute_dtype(like)))  # type: ignore[arg-type]
         if graph:
             with torch.enable_grad():
-                preds, guided, new_state, renoise = self._combine(plan, native, ctx, state, x, sigma)
+                preds, guided, new_state, renoise = self._combine(plan, native, ctx, state, x, sigma, xs)
         else:
-            preds, guided, new_state, renoise = self._combine(plan, native, ctx, state, x, sigma)
+            preds, guided, new_state, renoise = self._combine(plan, native, ctx, state, x, sigma, xs)
         if graph:  # nothing that leaves the evaluation keeps the graph
             x, guided, new_state = x.detach(), guided.detach(), detach_tree(new_state)
             renoise = None if renoise is None else renoise.detach()
@@ -408,8 +453,12 @@ class Engine:
         state: Any,
         x: Tensor | None,
         sigma: Tensor,
+        xs: Mapping[str, Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], Tensor, Any, Tensor | None]:
-        preds = {b.name: self._to_space(native[b.name], b, x, sigma) for b in plan}
+        if xs:
+            preds = {b.name: self._to_space(native[b.name], b, xs.get(b.name, x), sigma) for b in plan}
+        else:
+            preds = {b.name: self._to_space(native[b.name], b, x, sigma) for b in plan}
         guided, new_state = self.strategy.step_branches(preds, ctx, state)
         renoise = self.strategy.renoise_prediction(preds, ctx, state) if self._coupled else None
         return preds, guided, new_state, renoise

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 
-__all__ = ["INFINITE_BLUR", "blur_queries", "normalized_attention"]
+__all__ = ["INFINITE_BLUR", "attended_mask", "blur_queries", "gaussian_blur", "normalized_attention", "token_grid"]
 
 INFINITE_BLUR = 9999.0
 """A query blur sigma at or above this is the infinite blur (the official SEG threshold)."""
@@ -53,3 +53,46 @@ def normalized_attention(z_pos: Tensor, z_neg: Tensor, scale: float, tau: float,
     over = n_guided > tau * n_pos
     factor = torch.where(over, tau * n_pos / torch.where(over, n_guided, torch.ones_like(n_guided)), 1.0)
     return alpha * (guided * factor) + (1.0 - alpha) * z_pos
+
+
+def token_grid(tokens: int, spatial: tuple[int, ...]) -> tuple[int, ...]:
+    """The grid of ``tokens`` attention tokens over a sample of ``spatial`` dims: each dim divided by one
+    power-of-two factor, rounded up (a UNet level; a video's frames may keep their count). Refused by name
+    when no such grid has ``tokens`` cells."""
+    for f in (1, 2, 4, 8, 16, 32, 64):
+        grid = tuple(-(-s // f) for s in spatial)
+        if math.prod(grid) == tokens:
+            return grid
+        if len(spatial) == 3 and spatial[0] * math.prod(grid[1:]) == tokens:
+            return (spatial[0], *grid[1:])
+    raise ConfigError(
+        f"attention map: expected a token count that tiles the sample's {spatial} grid at one downsampling, "
+        f"got {tokens} tokens"
+    )
+
+
+def attended_mask(attention: Tensor, spatial: tuple[int, ...], threshold: float = 1.0) -> Tensor:
+    """SAG's mask ``(b, 1, *spatial)``: the tokens whose received attention, summed over queries (``attention``
+    ``(b, queries, keys)``, heads averaged), exceeds ``threshold`` (1 is the mean), nearest-upsampled."""
+    b, _, keys = attention.shape
+    grid = token_grid(keys, spatial)
+    mask = (attention.sum(1) > threshold).to(attention.dtype).reshape(b, 1, *grid)
+    return mask if grid == spatial else F.interpolate(mask, size=spatial, mode="nearest")
+
+
+def gaussian_blur(x: Tensor, sigma: float, kernel_size: int = 9) -> Tensor:
+    """A normalised Gaussian of ``kernel_size`` taps (``sigma`` in pixels) over the last two dims of ``x``
+    (the last one for 1-D samples), reflect padding; the kernel is clipped to dims shorter than it."""
+    dims = [-1] if x.ndim < 4 else [-2, -1]
+    out = x
+    for dim in dims:
+        n = out.shape[dim]
+        size = min(kernel_size, 2 * (n - 1) + 1)
+        t = torch.linspace(-(size - 1) / 2, (size - 1) / 2, size, dtype=x.dtype, device=x.device)
+        k = torch.exp(-0.5 * (t / sigma) ** 2)
+        k = k / k.sum()
+        moved = out.movedim(dim, -1)
+        flat = moved.reshape(-1, 1, n)
+        flat = F.conv1d(F.pad(flat, (size // 2, size // 2), mode="reflect"), k.view(1, 1, -1))
+        out = flat.reshape(moved.shape).movedim(-1, dim)
+    return out

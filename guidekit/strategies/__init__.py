@@ -23,6 +23,7 @@ from .nag import NAG
 from .pag import PAG
 from .ramp import Ramp
 from .rescale import Rescale
+from .sag import SAG
 from .samg import SAMG
 from .scale_function import ScaleCallable, ScaleFunction
 from .seg import SEG
@@ -40,6 +41,7 @@ __all__ = [
     "FDG",
     "NAG",
     "PAG",
+    "SAG",
     "SAMG",
     "SEG",
     "SLG",

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..branch import COND, UNCOND, Plan, merge_plans
+from ..branch import COND, UNCOND, FollowUp, Plan, merge_plans
 from ..context import GuidanceContext, StrategySpace
 from ..errors import ConfigError
 from ..ops.checks import check_number
@@ -91,6 +91,16 @@ class AdaptiveGuidance(GuidanceStrategy):
 
     def perturbations(self) -> frozenset[str]:
         return self.inner.perturbations()
+
+    def observers(self) -> frozenset[str]:
+        return self.inner.observers()
+
+    @property
+    def follows_up(self) -> bool:
+        return self.inner.follows_up
+
+    def follow_up(self, preds: Predictions, ctx: GuidanceContext, state: State) -> FollowUp | None:
+        return self.inner.follow_up(preds, ctx, state[1])
 
     def combine(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor:
         return self.combine_step(pred_cond, pred_uncond, ctx, self.init_state(pred_cond))[0]

@@ -8,6 +8,8 @@ nothing is probed with ``getattr``:
 * :meth:`GuidanceStrategy.renoise_prediction` and :attr:`GuidanceStrategy.sampler_coupled` - the step hook
   of sampler-coupled methods (CFG++ steps along the unconditional noise);
 * :meth:`GuidanceStrategy.models` - the models the plans may name (AutoGuidance's ``"weak"``);
+* :meth:`GuidanceStrategy.follow_up` and :attr:`GuidanceStrategy.follows_up` - a second stage of branches
+  at a sample built from the first stage's predictions (SAG);
 * :meth:`GuidanceStrategy.contract_example` and :attr:`GuidanceStrategy.contract_exempt` - what the shared
   contract (:mod:`guidekit.testing`) checks.
 
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
-from ..branch import COND, UNCOND, Plan
+from ..branch import COND, UNCOND, FollowUp, Plan
 from ..component import Component
 from ..context import GuidanceContext, StrategySpace
 from ..errors import ShapeError
@@ -88,10 +90,26 @@ class GuidanceStrategy(Component, ABC):
         ``"identity-self-attention"``); empty for strategies that never perturb the network."""
         return frozenset()
 
+    def observers(self) -> frozenset[str]:
+        """The attention maps this strategy's plans may record (``Branch.observe``): ``"self"`` and/or
+        ``"cross"`` (SAG reads a self-attention map, S-CFG both); empty for strategies that read none."""
+        return frozenset()
+
     @property
     def sampler_coupled(self) -> bool:
         """Whether the sampler must step along :meth:`renoise_prediction` (CFG++), not the guided noise."""
         return False
+
+    @property
+    def follows_up(self) -> bool:
+        """Whether :meth:`follow_up` may ask for a second stage (SAG); the engine asks only then."""
+        return False
+
+    def follow_up(self, preds: Predictions, ctx: GuidanceContext, state: Any) -> FollowUp | None:
+        """A second stage of this evaluation, built from the first stage's predictions (in the strategy's
+        space) and ``ctx.attention``: branches evaluated at another sample (SAG's degraded ``x̃``), whose
+        predictions join ``preds`` before :meth:`combine_branches`. ``None`` (the default): no second stage."""
+        return None
 
     # -- state ----------------------------------------------------------------------------------
     def init_state(self, like: Tensor) -> Any:
@@ -203,9 +221,19 @@ class Combinator(GuidanceStrategy):
     def perturbations(self) -> frozenset[str]:
         return self.inner.perturbations()
 
+    def observers(self) -> frozenset[str]:
+        return self.inner.observers()
+
     @property
     def sampler_coupled(self) -> bool:
         return self.inner.sampler_coupled
+
+    @property
+    def follows_up(self) -> bool:
+        return self.inner.follows_up
+
+    def follow_up(self, preds: Predictions, ctx: GuidanceContext, state: Any) -> FollowUp | None:
+        return self.inner.follow_up(preds, ctx, state)
 
     def init_state(self, like: Tensor) -> Any:
         return self.inner.init_state(like)

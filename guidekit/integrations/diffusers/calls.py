@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -69,6 +69,14 @@ class Call:
 
     def timestep(self) -> Tensor:
         return torch.as_tensor(self.kwargs["timestep"] if "timestep" in self.kwargs else self.args[1])
+
+    def with_latent(self, latent: Tensor) -> Call:
+        """The same call on another latent batch (all ``2b`` rows)."""
+        if latent.shape != self.latent().shape:
+            raise ValueError(f"latent: expected shape {tuple(self.latent().shape)}, got {tuple(latent.shape)}")
+        if self.latent_arg in self.kwargs:
+            return replace(self, kwargs={**self.kwargs, self.latent_arg: latent})
+        return replace(self, args=(latent, *self.args[1:]))
 
     def run(self, rows: slice | None = None) -> Tensor:
         """The model's prediction on the whole batch (``rows=None``, the pipeline's own call), or on ``rows``."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from ...branch import Branch, NoPerturbation, Perturbation
+from ...branch import Branch, NoPerturbation, Perturbation, observation_key
 from ...engine import Backend, Engine, Position
 from ...errors import ConfigError, GuidekitError, ShapeError
 from ...guided import guided
@@ -24,6 +24,7 @@ from ...ops.spaces import PredictionSpace, edm_x_from
 from ...strategies.base import GuidanceStrategy
 from .calls import Call, pack, zip_cat
 from .families import Coords, Family, is_flow, noise_schedule
+from .observe import observed
 from .perturb import KINDS, applied
 
 if TYPE_CHECKING:
@@ -153,7 +154,7 @@ class GuidedRun:
             step_sigma=self._step_sigma,
             sigma_next=schedule.sigmas[i + 1] if one_step else None,
         )
-        self._backend.call = call
+        self._backend.call, self._backend.x, self._backend.coords = call, x_edm, schedule.coords
         out = self._engine.evaluate(x_edm, sigma, position)
         self.info.nfe, self.info.forwards = self._engine.nfe, self._engine.forwards
         record = self._engine.record(self._step)
@@ -224,6 +225,9 @@ class PipelineBackend(Backend):
         self._space, self.layout = space, layout
         self._canonical = canonical_layout(layout) == " ".join(parse_layout(layout))
         self.call: Call | None = None
+        self.x: Tensor | None = None
+        """The evaluation's EDM sample; a forward at another one (a follow-up stage) moves the call there."""
+        self.coords: Coords = "vp"
 
     def models(self) -> frozenset[str]:
         return frozenset({"main"})
@@ -237,6 +241,30 @@ class PipelineBackend(Backend):
         call = self.call
         if call is None:
             raise GuidekitError("call: expected the intercepted denoiser call before the forward, got none")
+        if self.x is not None and x is not self.x:  # a follow-up stage's sample (SAG's x̃): the call at it
+            call = call.with_latent(self._latent(x, sigma, call))
+        specs = list(dict.fromkeys(b.observe for b in branches if b.observe is not None))
+        if not specs:
+            return self._run(call, branches)
+        with observed(call.module, specs) as record:
+            out = self._run(call, branches)
+        both = {b.condition for b in branches} == {"cond", "uncond"}
+        for branch in branches:
+            if branch.observe is not None:
+                rows = call.cond if branch.condition == "cond" else call.uncond
+                for layer, amap in record[branch.observe].items():
+                    out[observation_key(branch.name, layer)] = amap[rows] if both else amap
+        return out
+
+    def _latent(self, x: Tensor, sigma: Tensor, call: Call) -> Tensor:
+        """EDM ``x`` -> the pipeline's latent (its coordinates and layout, both halves of the call)."""
+        s = float(sigma.reshape(-1)[0])
+        native = x / (math.sqrt(1.0 + s * s) if self.coords == "vp" else 1.0 + s)
+        native = native if self._canonical else from_canonical(native, self.layout)
+        native = native.to(call.latent().dtype)
+        return torch.cat([native, native])
+
+    def _run(self, call: Call, branches: Sequence[Branch]) -> dict[str, Tensor]:
         rows = {"cond": call.cond, "uncond": call.uncond}
         for branch in branches:
             if branch.condition not in rows:
