@@ -230,5 +230,5 @@ def why_not(name: str) -> str | None:
     if strategy.models() != frozenset({"main"}):
         return "weak"  # AutoGuidance without its second model (test_autoguidance_with_a_weak_model_... runs it)
     if strategy.perturbations():
-        return "perturbation"  # a perturbed forward (PAG), which the ComfyUI guider does not apply yet
+        return "perturbation"  # layer selectors in ComfyUI's names: test_comfyui_perturbations runs these
     return None

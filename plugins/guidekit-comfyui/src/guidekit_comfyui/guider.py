@@ -23,7 +23,7 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import comfy.model_management
 import comfy.model_sampling
@@ -31,12 +31,13 @@ import comfy.samplers
 import torch
 from torch import Tensor
 
-from guidekit.branch import Branch
+from guidekit.branch import Branch, NoPerturbation
 from guidekit.engine import Backend, Engine, Position
 from guidekit.errors import ConfigError, GuidekitError
 from guidekit.ops.spaces import PredictionSpace
 from guidekit.strategies.base import GuidanceStrategy
 
+from .perturb import KINDS, with_perturbation
 from .strategy import StrategyRef, as_ref
 
 __all__ = [
@@ -158,10 +159,10 @@ class ComfyBranches(Backend):
             )
         if branch.condition not in _COMFY_CONDS or not self.supports(branch.perturbation):
             kind = "none" if branch.perturbation is None else branch.perturbation.kind
+            applies = sorted(self.perturbations - {NoPerturbation.kind}) or "no perturbations"
             raise ConfigError(
-                f"strategy: {self.who} run the positive and negative conditionings, got branch {branch.name!r} "
-                f"(condition {branch.condition!r}, perturbation {kind!r}); perturbations are not supported in "
-                "ComfyUI yet"
+                f"strategy: {self.who} run the positive and negative conditionings with {applies}, got branch "
+                f"{branch.name!r} (condition {branch.condition!r}, perturbation {kind!r})"
             )
 
     def forward(
@@ -207,9 +208,11 @@ def to_edm(model_sampling: Any, x: Tensor, timestep: Tensor) -> tuple[Tensor, Te
 
 
 class ComfyBackend(ComfyBranches):
-    """Runs ComfyUI's model through ``comfy.samplers.calc_cond_batch`` for the guider's current evaluation."""
+    """Runs ComfyUI's model through ``comfy.samplers.calc_cond_batch`` for the guider's current evaluation;
+    a perturbed group runs with the perturbation as model patches (:mod:`guidekit_comfyui.perturb`)."""
 
     who = "the Guidekit Guider"
+    perturbations: ClassVar[frozenset[str]] = frozenset({NoPerturbation.kind}) | KINDS
 
     def __init__(self, guider: GuidekitComfyGuider) -> None:
         self.guider = guider
@@ -235,6 +238,7 @@ class ComfyBackend(ComfyBranches):
                 )
             conds.append(cond)
         self.calls.append(tuple(b.name for b in branches))
+        model_options = with_perturbation(model_options, branches[0].perturbation, model.diffusion_model)
         out = comfy.samplers.calc_cond_batch(model, conds, x_comfy, timestep, model_options)
         return {b.name: o for b, o in zip(branches, out, strict=True)}
 
