@@ -1,4 +1,4 @@
-"""The ``guidekit`` command: ``demo``, ``compare``, ``sweep``, ``list`` and ``train``.
+"""The ``guidekit`` command: ``demo``, ``compare``, ``sweep``, ``list``, ``train`` and ``train-guidance``.
 
 Errors a user can make (unknown names, bad parameters or numbers, unreadable spec files, output folders
 that cannot be written, a missing optional dependency) end with a one-line message on stderr and exit
@@ -292,6 +292,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_main(args.train_args)  # reached only through build_parser() users; main() delegates first
 
 
+def cmd_train_guidance(args: argparse.Namespace) -> int:
+    """Train learned guidance weights ω(c, s, t) for a frozen denoiser (``python -m guidekit.zoo.train_guidance``)."""
+    from .zoo.train_guidance import main as train_guidance_main
+
+    return train_guidance_main(args.train_args)  # like train: main() delegates first
+
+
 # -- parser --------------------------------------------------------------------------------------------
 def _add_run_options(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
@@ -310,7 +317,7 @@ def _add_run_options(p: argparse.ArgumentParser, steps: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guidekit", description="Compare diffusion guidance strategies.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,compare,sweep,list,train}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,compare,sweep,list,train,train-guidance}")
 
     demo = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
     _add_run_options(demo, steps=12)
@@ -360,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__, add_help=False)
     train.add_argument("train_args", nargs=argparse.REMAINDER)
     train.set_defaults(func=cmd_train)
+    tg_help = cmd_train_guidance.__doc__
+    train_guidance = sub.add_parser("train-guidance", help=tg_help, description=tg_help, add_help=False)
+    train_guidance.add_argument("train_args", nargs=argparse.REMAINDER)
+    train_guidance.set_defaults(func=cmd_train_guidance)
     return parser
 
 
@@ -370,6 +381,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .zoo.train import main as train_main
 
         return guarded("guidekit", lambda: train_main(argv[1:]))
+    if argv[:1] == ["train-guidance"]:
+        from .zoo.train_guidance import main as train_guidance_main
+
+        return train_guidance_main(argv[1:])
     args = build_parser().parse_args(argv)
     return guarded("guidekit", lambda: args.func(args))
 

@@ -19,6 +19,7 @@ from .dsg import DSG
 from .dynamic_cfg import DynamicCFG
 from .fdg import FDG
 from .interval import Interval
+from .learned_weight import LearnedWeight
 from .nag import NAG
 from .pag import PAG
 from .ramp import Ramp
@@ -56,6 +57,7 @@ __all__ = [
     "DynamicCFG",
     "GuidanceStrategy",
     "Interval",
+    "LearnedWeight",
     "Ramp",
     "Rescale",
     "ScaleCallable",

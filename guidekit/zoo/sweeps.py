@@ -59,6 +59,8 @@ def _known() -> dict[str, Sweep]:
         # the digits model predicts eps: CFG-Zero*'s zero-init step applies to flow velocities only
         Sweep("cfg-zero-star", "scale", DEFAULT_STRENGTHS, lambda s: _get("cfg-zero-star")(scale=s, zero_init_steps=0)),
         Sweep("fdg", "scale", DEFAULT_STRENGTHS, lambda s: _get("fdg")(scales=(4 * s / 3, 2 * s / 3))),
+        # the shipped ω of the digits model as trained, and twice as strong along the same (c, s, t) profile
+        Sweep("learned-weight", "omega_scale", (1.0, 2.0), lambda s: _get("learned-weight")(omega_scale=s)),
     ]
     return {s.name: s for s in sweeps}
 

@@ -1,0 +1,238 @@
+"""Learned guidance weights: CFG with ``ω(c, s, t)`` from a small network (Learn to Guide Your Diffusion Model)."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..context import GuidanceContext
+from ..errors import ConfigError, ShapeError
+from ..ops.checks import check_number
+from ..ops.guidance import cfg
+from ..ops.shapes import per_sample
+from ..ops.spaces import compute_dtype
+from ..registry import STRATEGIES
+from .base import GuidanceStrategy
+
+__all__ = ["GuidanceWeightNet", "LearnedWeight", "load_guidance_weights", "save_guidance_weights"]
+
+KIND = "guidekit.learned-weight"
+"""The ``kind`` of the JSON record beside a weights file."""
+
+SHIPPED = "digits_learned_weight"
+"""The shipped ω of the digits model (``guidekit/zoo/checkpoints/``)."""
+
+
+class GuidanceWeightNet(nn.Module):
+    """``ω(c, s, t)``: a condition embedding and Fourier features of ``log σ_t``, ``log σ_s`` into a small MLP.
+
+    Times are EDM sigmas (``σ_t`` the noise level denoised from, ``σ_s`` the one stepped to), so one net
+    serves every sampler and prediction space. Each is clamped to ``[sigma_floor, sigma_ceil]`` (``σ_s = 0``
+    on the last step, ``σ_t = inf`` at flow ``t = 1``) and enters as ``u = log σ / 4`` with
+    ``sin``/``cos`` of ``2^k u`` for ``k < frequencies``. Row ``num_classes`` of the embedding is the
+    *unknown* condition (trained on a share of the batch, so ``ω(∅, s, t)`` is a condition-free weight);
+    ``num_classes = 0`` makes the net a function of ``(s, t)`` alone. The last layer starts at zero with
+    bias ``omega_init``, so an untrained net is CFG at scale ``1 + omega_init``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        emb_dim: int = 16,
+        hidden: int = 64,
+        frequencies: int = 3,
+        omega_init: float = 0.0,
+        sigma_floor: float = 1e-3,
+        sigma_ceil: float = 1e3,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ConfigError(f"num_classes: expected an integer >= 0, got {num_classes!r}")
+        if not 0 < sigma_floor < sigma_ceil:
+            raise ConfigError(f"sigma_floor, sigma_ceil: expected 0 < floor < ceil, got {sigma_floor}, {sigma_ceil}")
+        self.config = {
+            "num_classes": num_classes,
+            "emb_dim": emb_dim,
+            "hidden": hidden,
+            "frequencies": frequencies,
+            "omega_init": float(omega_init),
+            "sigma_floor": float(sigma_floor),
+            "sigma_ceil": float(sigma_ceil),
+        }
+        self.num_classes = num_classes
+        self.embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        width = (emb_dim if num_classes else 0) + 2 * (1 + 2 * frequencies) + 1
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        self.out = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.constant_(self.out.bias, float(omega_init))
+        self.register_buffer("scales", 2.0 ** torch.arange(frequencies, dtype=torch.float32), persistent=False)
+
+    def _time(self, sigma: Tensor) -> Tensor:
+        cfg_ = self.config
+        dtype = self.out.weight.dtype
+        u = sigma.to(dtype).clamp(cfg_["sigma_floor"], cfg_["sigma_ceil"]).log()[:, None] / 4
+        angles = u * self.scales.to(u.device, u.dtype)
+        return torch.cat([u, angles.sin(), angles.cos()], 1)
+
+    def index(self, condition: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        """Embedding rows for ``condition``: class ``k`` -> ``k``; ``None`` or an unconditional label
+        (``num_classes``, guidekit's digits ``NULL_CLASS``, or ``-1``, the oracle's) -> ``num_classes``."""
+        k = self.num_classes
+        if condition is None:
+            return torch.full((batch,), k, dtype=torch.long, device=device)
+        if condition.shape != (batch,) or condition.is_floating_point() or condition.is_complex():
+            raise ShapeError(
+                f"ctx.condition: expected integer class labels of shape ({batch},), got {condition.dtype} "
+                f"{tuple(condition.shape)}"
+            )
+        labels = condition.to(device=device, dtype=torch.long)
+        bad = (labels < -1) | (labels > k)
+        if bool(bad.any()):
+            raise ConfigError(
+                f"ctx.condition: expected class labels in 0..{k - 1} (or {k} / -1 for none), got {int(labels[bad][0])}"
+            )
+        return torch.where(labels < 0, torch.full_like(labels, k), labels)
+
+    def forward(self, condition: Tensor | None, sigma_s: Tensor, sigma_t: Tensor) -> Tensor:
+        """``ω`` per sample ``(b,)`` for labels ``condition`` ``(b,)`` (or ``None``) and EDM sigmas, in the
+        parameters' dtype (float32 while training; float64 once loaded, so a sample's ω does not depend on the
+        batch it is in: float32 matrix products round differently for different batch sizes)."""
+        last = (sigma_s <= 0).to(self.out.weight.dtype)[:, None]
+        feats = [self._time(sigma_t), self._time(sigma_s), last]
+        if self.embed is not None:
+            feats.insert(0, self.embed(self.index(condition, sigma_t.shape[0], sigma_t.device)))
+        return self.out(self.mlp(torch.cat(feats, 1))).squeeze(1)
+
+
+def _resolve(weights: str) -> Path:
+    """A shipped checkpoint name (``guidekit/zoo/checkpoints/<name>.safetensors``) or a path to one."""
+    path = Path(weights)
+    if path.suffix != ".safetensors" and len(path.parts) == 1:
+        path = Path(__file__).resolve().parents[1] / "zoo" / "checkpoints" / f"{weights}.safetensors"
+    return path
+
+
+def save_guidance_weights(net: GuidanceWeightNet, path: str | Path, record: dict[str, Any] | None = None) -> Path:
+    """Write ``net`` as ``<path>.safetensors`` and its JSON description ``<path>.json`` (architecture and
+    ``record``: training command, seed, figures); return the weights path."""
+    from safetensors.torch import save_file
+
+    weights = Path(path).with_suffix(".safetensors")
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(weights))
+    meta = {"kind": KIND, "architecture": net.config, **(record or {})}
+    weights.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    return weights
+
+
+_CACHE: dict[tuple[str, int, int], GuidanceWeightNet] = {}
+_LOCK = threading.Lock()
+
+
+def load_guidance_weights(weights: str | Path) -> GuidanceWeightNet:
+    """The ω net of a weights file (``.safetensors`` + ``.json``), or of a shipped name; cached per file."""
+    from safetensors.torch import load_file
+
+    path = _resolve(str(weights))
+    meta_path = path.with_suffix(".json")
+    for p in (path, meta_path):
+        if not p.is_file():
+            raise ConfigError(
+                f"weights: expected a shipped name or a .safetensors path with a .json beside it; {p} does not "
+                "exist (train one: `guidekit train-guidance`)"
+            )
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    with _LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+    meta = json.loads(meta_path.read_text())
+    if meta.get("kind") != KIND:
+        raise ConfigError(f"weights: expected a JSON record of kind {KIND!r} in {meta_path}, got {meta.get('kind')!r}")
+    net = GuidanceWeightNet(**meta["architecture"])
+    net.load_state_dict(load_file(str(path)))
+    net.double().eval().requires_grad_(False)
+    with _LOCK:
+        _CACHE[key] = net
+    return net
+
+
+@STRATEGIES.register("learned-weight")
+@dataclass(frozen=True)
+class LearnedWeight(GuidanceStrategy):
+    """CFG with a learned weight ``x̂ = x̂_c + ω(c, s, t) (x̂_c - x̂_∅)`` (Galashov et al. 2025, arXiv 2510.00815).
+
+    The paper's x0 form with ``ω = w - 1`` in guidekit's convention: the guided prediction is
+    ``u + (1 + ω)(c - u)``, linear in the predictions, so every prediction space gives the same sample
+    (methods.md §2). ``ω`` comes from a :class:`GuidanceWeightNet` of the condition (``ctx.condition``, the
+    ``cond`` branch's class labels), the noise level denoised from (``t``: ``ctx.sigma``) and the one
+    stepped to (``s``: ``ctx.sigma_next``, the sampler's next sigma; ``0`` when the caller does not know
+    it). Without a condition (the diffusers paths, direct calls) the net's *unknown condition* row gives
+    ``ω(∅, s, t)``. Train one with ``guidekit train-guidance`` (:mod:`guidekit.zoo.train_guidance`).
+
+    Args:
+        weights: a shipped name (default ``"digits_learned_weight"``, the digits model's ω) or a path to a
+            ``.safetensors`` file with its ``.json`` description beside it.
+        omega_scale: multiplies the learned ω (guidekit's knob, not the paper's): 1 is the weight as
+            trained; larger values guide harder along the learned ``(c, s, t)`` profile.
+    """
+
+    weights: str = SHIPPED
+    omega_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weights, str) or not self.weights:
+            raise ConfigError(f"weights: expected a shipped name or a file path, got {self.weights!r}")
+        check_number("omega_scale", self.omega_scale)
+        load_guidance_weights(self.weights)  # a missing or foreign file fails here, not mid-run
+
+    @property
+    def net(self) -> GuidanceWeightNet:
+        """The ω network (loaded once per file)."""
+        return load_guidance_weights(self.weights)
+
+    def omega(self, ctx: GuidanceContext) -> Tensor:
+        """``ω`` per sample ``(b,)`` float64 at this evaluation."""
+        sigma = ctx.sigma
+        nxt = ctx.sigma_next if ctx.sigma_next is not None else torch.zeros_like(sigma)
+        with torch.no_grad():
+            net = self.net
+            if sigma.device.type != "cpu":
+                net = _on_device(net, sigma.device)
+            omega = net(ctx.condition, nxt.to(sigma.device), sigma).to(torch.float64)
+        return omega if self.omega_scale == 1.0 else omega * self.omega_scale
+
+    def combine(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor:
+        scale = per_sample(1.0 + self.omega(ctx), pred_cond, dtype=compute_dtype(pred_cond))
+        return cfg(pred_cond, pred_uncond, scale)
+
+    def scale_map(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor:
+        return per_sample(1.0 + self.omega(ctx), pred_cond)
+
+
+_DEVICE_CACHE: dict[tuple[int, str], GuidanceWeightNet] = {}
+
+
+def _on_device(net: GuidanceWeightNet, device: torch.device) -> GuidanceWeightNet:
+    key = (id(net), str(device))
+    with _LOCK:
+        if key not in _DEVICE_CACHE:
+            import copy
+
+            _DEVICE_CACHE[key] = copy.deepcopy(net).to(device)
+        return _DEVICE_CACHE[key]
+
+
+def constant_weight(omega: float, path: str | Path) -> Path:
+    """Write an ω net that is ``omega`` everywhere (CFG at scale ``1 + omega``) to ``path``; for tests."""
+    if not math.isfinite(omega):
+        raise ConfigError(f"omega: expected a finite number, got {omega!r}")
+    return save_guidance_weights(GuidanceWeightNet(0, omega_init=omega), path, {"note": "constant"})

@@ -1,0 +1,366 @@
+"""Learned guidance weights (``learned-weight``): the rule, the condition and next sigma it reads, the
+combinators, every sampler, the shipped weights, and training (MMD objective, resume, reward, command)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+import guidekit as gk
+from guidekit.context import GuidanceContext
+from guidekit.errors import ConfigError, ShapeError
+from guidekit.oracle import UNCOND, GaussianMixture
+from guidekit.samplers import names as sampler_names
+from guidekit.strategies.learned_weight import (
+    GuidanceWeightNet,
+    LearnedWeight,
+    constant_weight,
+    load_guidance_weights,
+)
+from guidekit.zoo.train_guidance import (
+    GMMTestbed,
+    GuidanceRecipe,
+    best_constant,
+    energy_mmd,
+    gmm_distance,
+    train_guidance,
+)
+
+CHECKPOINTS = Path(gk.__file__).parent / "zoo" / "checkpoints"
+OMEGA = 2.0  # CFG scale 3: both exact in binary, so "constant ω = CFG" can be bit for bit
+
+
+@pytest.fixture(scope="module")
+def constant(tmp_path_factory: pytest.TempPathFactory) -> LearnedWeight:
+    return LearnedWeight(str(constant_weight(OMEGA, tmp_path_factory.mktemp("w") / "constant")))
+
+
+def _pair(shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=g, dtype=dtype), torch.randn(shape, generator=g, dtype=dtype)
+
+
+# -- the rule -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 4, 5, 5), (2, 3, 4, 5, 5)])
+def test_constant_omega_is_cfg_bit_for_bit(constant: LearnedWeight, dtype: torch.dtype, shape: tuple) -> None:
+    c, u = _pair(shape, dtype)
+    assert torch.equal(constant(c, u), gk.CFG(1 + OMEGA)(c, u))
+
+
+def test_rule_is_the_papers_x0_form() -> None:
+    """``x̂_c + ω (x̂_c - x̂_∅)`` with ω from the net, per sample (its condition, t and s)."""
+    s = LearnedWeight("gmm_imperfect_learned_weight")
+    c, u = _pair((3, 2, 1, 1))
+    ctx = GuidanceContext(
+        sigma=torch.tensor([5.0, 1.0, 0.2]), sigma_next=torch.tensor([2.0, 0.4, 0.0]), condition=torch.tensor([0, 1, 2])
+    )
+    omega = s.net(ctx.condition, ctx.sigma_next, ctx.sigma).double()
+    expected = c + omega.view(-1, 1, 1, 1) * (c - u)
+    torch.testing.assert_close(s.step(c, u, ctx, None)[0], expected, rtol=1e-12, atol=1e-12)
+    assert len(set(omega.tolist())) == 3  # the weight does vary with (c, s, t)
+    assert s.scale_map(c, u, ctx).flatten().tolist() == pytest.approx((1 + omega).tolist())
+
+
+def test_omega_scale_multiplies_omega(tmp_path: Path) -> None:
+    path = str(constant_weight(0.5, tmp_path / "w"))
+    c, u = _pair((2, 3, 4, 4))
+    assert torch.equal(LearnedWeight(path, omega_scale=4.0)(c, u), gk.CFG(3.0)(c, u))
+
+
+def test_condition_changes_omega_and_unknown_row_without_condition() -> None:
+    net = load_guidance_weights("gmm_imperfect_learned_weight")
+    sig, nxt = torch.full((3,), 3.0), torch.full((3,), 1.0)
+    per_class = net(torch.tensor([0, 1, 2]), nxt, sig)
+    assert per_class.unique().numel() == 3
+    unknown = net(None, nxt, sig)
+    torch.testing.assert_close(net(torch.tensor([-1, 3, -1]), nxt, sig), unknown)  # -1 and K: "none"
+    # without a condition in the context (a diffusers path, a direct call) the unknown row is used
+    s = LearnedWeight("gmm_imperfect_learned_weight")
+    ctx = GuidanceContext(sigma=sig, sigma_next=nxt)
+    torch.testing.assert_close(s.omega(ctx), unknown.double())
+
+
+def test_missing_next_sigma_means_zero() -> None:
+    s = LearnedWeight("gmm_learned_weight")
+    labels = torch.tensor([0, 1])
+    without = s.omega(GuidanceContext(sigma=torch.full((2,), 2.0), condition=labels))
+    with_zero = s.omega(GuidanceContext(sigma=torch.full((2,), 2.0), sigma_next=torch.zeros(2), condition=labels))
+    assert torch.equal(without, with_zero)
+
+
+@pytest.mark.parametrize(
+    ("condition", "error", "match"),
+    [
+        (torch.tensor([0.0, 1.0]), ShapeError, r"ctx.condition: expected integer class labels of shape \(2,\)"),
+        (torch.tensor([[0], [1]]), ShapeError, "ctx.condition: expected integer class labels"),
+        (torch.tensor([0, 7]), ConfigError, r"ctx.condition: expected class labels in 0..2 \(or 3 / -1 for none\)"),
+    ],
+)
+def test_bad_condition_is_named(condition: Tensor, error: type, match: str) -> None:
+    s = LearnedWeight("gmm_learned_weight")
+    c, u = _pair((2, 2, 1, 1))
+    with pytest.raises(error, match=match):
+        s.step(c, u, GuidanceContext(sigma=torch.ones(2), condition=condition), None)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"weights": ""}, "weights: expected a shipped name or a file path, got ''"),
+        ({"weights": "no_such_weights"}, "weights: expected a shipped name .* does not exist"),
+        ({"weights": "gmm_learned_weight", "omega_scale": float("nan")}, "omega_scale: expected a finite number"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        LearnedWeight(**kwargs)
+
+
+def test_foreign_json_is_refused(tmp_path: Path) -> None:
+    path = constant_weight(1.0, tmp_path / "w")
+    path.with_suffix(".json").write_text(json.dumps({"kind": "something else"}))
+    with pytest.raises(ConfigError, match=r"weights: expected a JSON record of kind .guidekit\.learned-weight."):
+        LearnedWeight(str(path))
+
+
+def test_spec_round_trip() -> None:
+    s = LearnedWeight("gmm_learned_weight", omega_scale=1.5)
+    assert gk.build(json.loads(gk.to_spec(s).model_dump_json())) == s
+
+
+# -- in the loop: condition and s reach the net, every sampler, combinators ---------------------------
+@dataclass(frozen=True)
+class _Recording(LearnedWeight):
+    seen: list = None  # type: ignore[assignment]
+
+    def omega(self, ctx: GuidanceContext) -> Tensor:
+        self.seen.append(ctx)
+        return super().omega(ctx)
+
+
+def _oracle(event: tuple[int, ...] = (2, 1, 1)) -> GaussianMixture:
+    return GaussianMixture.random(3, 2, event, spread=2.0, seed=0)
+
+
+def _sample(strategy: gk.GuidanceStrategy, sampler: str, dtype: torch.dtype, event: tuple = (2, 1, 1)) -> Tensor:
+    mix = _oracle(event)
+    flow = sampler == "flow-euler"
+    labels = torch.tensor([0, 1, 2, 1])
+    noise = torch.randn(4, *event, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    return gk.sample(
+        mix.as_model("flow" if flow else "eps"),
+        noise,
+        sampler=sampler,
+        steps=6,
+        strategy=strategy,
+        cond=labels,
+        uncond=torch.full_like(labels, UNCOND),
+        prediction="flow" if flow else "eps",
+        layout="b c f h w" if len(event) == 4 else None,
+        generator=[torch.Generator().manual_seed(i) for i in range(4)],
+        progress=False,
+    )
+
+
+@pytest.mark.parametrize("sampler", sampler_names())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_sampler_constant_omega_is_cfg(constant: LearnedWeight, sampler: str, dtype: torch.dtype) -> None:
+    out = _sample(constant, sampler, dtype)
+    assert out.dtype == dtype
+    assert torch.equal(out, _sample(gk.CFG(1 + OMEGA), sampler, dtype))
+
+
+@pytest.mark.parametrize("sampler", sampler_names())
+def test_every_sampler_hands_the_condition_and_next_sigma(sampler: str) -> None:
+    seen: list[GuidanceContext] = []
+    out = _sample(_Recording("gmm_learned_weight", seen=seen), sampler, torch.float32)
+    assert torch.isfinite(out).all()
+    assert seen and all(torch.equal(ctx.condition, torch.tensor([0, 1, 2, 1])) for ctx in seen)
+    for ctx in seen:
+        assert ctx.sigma_next is not None
+        if ctx.substep == 0:
+            assert float(ctx.sigma_next[0]) == pytest.approx(float(ctx.sigmas[ctx.step + 1]), rel=1e-6)
+
+
+def test_5d_video_layout(constant: LearnedWeight) -> None:
+    event = (2, 3, 1, 1)  # (c, f, h, w)
+    assert torch.equal(
+        _sample(constant, "euler", torch.float32, event), _sample(gk.CFG(3.0), "euler", torch.float32, event)
+    )
+    learned = _sample(LearnedWeight("gmm_learned_weight"), "euler", torch.float32, event)
+    assert torch.isfinite(learned).all()
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda s: gk.Interval(s, sigma_lo=0.3, sigma_hi=3.0),
+        lambda s: gk.Rescale(s, 0.7),
+        lambda s: gk.Interval(gk.Rescale(s, 0.5), sigma_lo=0.1, sigma_hi=None),
+    ],
+)
+def test_composes_with_combinators(constant: LearnedWeight, wrap) -> None:
+    for sampler in ("euler", "heun"):
+        assert torch.equal(
+            _sample(wrap(constant), sampler, torch.float32), _sample(wrap(gk.CFG(1 + OMEGA)), sampler, torch.float32)
+        )
+    seen: list[GuidanceContext] = []
+    assert torch.isfinite(_sample(wrap(_Recording("gmm_learned_weight", seen=seen)), "euler", torch.float32)).all()
+    assert seen and seen[0].condition is not None  # the condition passes through the combinator
+
+
+def test_gradients_flow_to_predictions_not_to_omega() -> None:
+    s = LearnedWeight("gmm_learned_weight")
+    c, u = (t.requires_grad_(True) for t in _pair((2, 2, 1, 1)))
+    ctx = GuidanceContext(sigma=torch.tensor([1.0, 2.0]), condition=torch.tensor([0, 2]))
+    assert torch.autograd.gradcheck(lambda c, u: s.step(c, u, ctx, None)[0], (c, u))
+    assert not any(p.requires_grad for p in s.net.parameters())
+
+
+# -- the shipped weights ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["digits_learned_weight", "gmm_learned_weight", "gmm_imperfect_learned_weight"])
+def test_shipped_weights_load_with_their_command(name: str) -> None:
+    assert LearnedWeight(name).net.num_classes in (3, 10)
+    record = json.loads((CHECKPOINTS / f"{name}.json").read_text())
+    assert record["kind"] == "guidekit.learned-weight"
+    assert record["command"].startswith("guidekit train-guidance")
+    assert isinstance(record["seed"], int)
+
+
+def test_default_is_the_shipped_digits_weight() -> None:
+    assert LearnedWeight().net.num_classes == 10
+    assert "learned-weight" in gk.strategies.names()
+
+
+# -- the objective and training -----------------------------------------------------------------------
+def test_energy_mmd_is_zero_in_expectation_and_positive_for_different_sets() -> None:
+    g = torch.Generator().manual_seed(0)
+    same = energy_mmd(torch.randn(200, 64, 3, generator=g), torch.randn(200, 64, 3, generator=g))
+    shifted = energy_mmd(torch.randn(4, 64, 3, generator=g), torch.randn(4, 64, 3, generator=g) + 1.0)
+    assert abs(float(same.mean())) < 0.01
+    assert bool((shifted > 0.3).all())
+
+
+def _net_values(net: GuidanceWeightNet) -> Tensor:
+    sig = torch.logspace(-2, 2, 9)
+    return torch.stack([net(torch.full((9,), c), sig / 2, sig) for c in range(net.num_classes)]).double()
+
+
+@pytest.mark.slow
+def test_training_reproduces_the_shipped_gmm_weights() -> None:
+    """The shipped ``gmm_learned_weight`` is what its recorded recipe trains, from scratch (about 5 s)."""
+    name = "gmm_learned_weight"
+    record = json.loads((CHECKPOINTS / f"{name}.json").read_text())
+    recipe = GuidanceRecipe(**{**record["recipe"], "schedule_steps": tuple(record["recipe"]["schedule_steps"])})
+    trained = train_guidance(GMMTestbed.small(seed=record["seed"]), recipe).net
+    torch.testing.assert_close(_net_values(trained), _net_values(load_guidance_weights(name)), rtol=1e-4, atol=1e-4)
+
+
+def test_resume_gives_the_uninterrupted_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import guidekit.zoo.train_guidance as tg
+
+    testbed = GMMTestbed.small()
+    recipe = GuidanceRecipe(steps=12, groups=4, per_group=8, checkpoint_every=4)
+    straight = train_guidance(testbed, recipe).net
+    state = tmp_path / "state.pt"
+    real, calls = tg._loss, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tg, "_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_guidance(testbed, recipe, resume=state)
+    assert state.exists()  # saved after step 8
+    monkeypatch.setattr(tg, "_loss", real)
+    resumed = train_guidance(testbed, recipe, resume=state)
+    assert not state.exists()  # removed once training ends
+    for a, b in zip(straight.state_dict().values(), resumed.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # a state of another recipe is refused, not silently continued
+    monkeypatch.setattr(tg, "_loss", interrupted)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        train_guidance(testbed, recipe, resume=state)
+    monkeypatch.setattr(tg, "_loss", real)
+    with pytest.raises(ConfigError, match="--resume: expected a state of the same testbed and recipe"):
+        train_guidance(testbed, replace(recipe, lr=0.5), resume=state)
+
+
+class _RewardedGMM(GMMTestbed):
+    """The imperfect oracle with a reward: the exact class posterior ``log p(c | x0)``."""
+
+    def log_reward(self, x0: Tensor, labels: Tensor) -> Tensor:
+        return self.mixture.class_posterior(x0.double(), labels).clamp_min(1e-12).log().float()
+
+
+def test_reward_tilt_raises_the_weight() -> None:
+    testbed = _RewardedGMM(_oracle(), leak=0.5)
+    recipe = GuidanceRecipe(steps=60, groups=8, per_group=16, schedule_steps=(10,))
+    plain = train_guidance(testbed, recipe)
+    tilted = train_guidance(testbed, replace(recipe, reward=1.0))
+    assert "log_p" in tilted.history[-1]
+    assert float(_net_values(tilted.net).mean()) > float(_net_values(plain.net).mean()) + 0.2
+
+
+def test_reward_needs_a_classifier() -> None:
+    with pytest.raises(ConfigError, match="reward: expected 0 for testbed 'gmm'"):
+        train_guidance(GMMTestbed.small(), GuidanceRecipe(steps=1, groups=2, per_group=4, reward=1.0))
+
+
+@pytest.mark.parametrize(("field", "value"), [("steps", 0), ("per_group", 1), ("p_unknown", 1.5)])
+def test_bad_recipe_is_named(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=f"{field}: expected"):
+        GuidanceRecipe(**{field: value})
+
+
+# -- the testbed result: learned ω beats the best constant scale ---------------------------------------
+@pytest.mark.parametrize("name", ["gmm_learned_weight", "gmm_imperfect_learned_weight"])
+def test_learned_beats_the_best_constant_scale(name: str) -> None:
+    """On the oracle (exact, and a conditional model pulled halfway to the unconditional one), the shipped
+    learned ω is closer to the true conditional than the best constant CFG scale found by search on the
+    same seed, for every seed, by more than the spread of the paired differences over seeds."""
+    testbed = GMMTestbed.small(leak=0.5 if "imperfect" in name else 0.0)
+    scales = [0.75 + 0.25 * i for i in range(10)]  # 0.75 .. 3; the best is 1-1.25 (exact), 2.25 (imperfect)
+    learned = LearnedWeight(name)
+    gaps = []
+    for seed in range(3):
+        _, best = best_constant(testbed, scales, steps=10, per_class=300, seed=seed)
+        gaps.append(best - gmm_distance(testbed, learned, steps=10, per_class=300, seed=seed))
+    assert min(gaps) > 0, gaps
+    assert statistics.mean(gaps) > max(gaps) - min(gaps), gaps
+
+
+# -- the command --------------------------------------------------------------------------------------
+def test_command_writes_weights_record_and_picture_all_or_none(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from guidekit.cli import main
+
+    out = tmp_path / "run"
+    args = ["train-guidance", "--testbed", "gmm", "--steps", "3", "--groups", "2", "--per-group", "4", "--quiet"]
+    args += ["--eval-per-class", "50"]
+    assert main([*args, "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        ".guidekit-run.json",
+        "gmm_learned_weight-omega.png",
+        "gmm_learned_weight.json",
+        "gmm_learned_weight.safetensors",
+    ]
+    record = json.loads((out / "gmm_learned_weight.json").read_text())
+    assert record["command"].startswith("guidekit train-guidance --testbed gmm --steps 3")
+    assert len(record["evaluation"]["per_seed"]) == 3
+    assert LearnedWeight(str(out / "gmm_learned_weight.safetensors")).net.num_classes == 3
+    assert main([*args, "--out", str(out)]) == 2  # an earlier run needs --force
+    assert "pass --force" in capsys.readouterr().err
+    assert main([*args, "--reward", "1", "--out", str(tmp_path / "other")]) == 2
+    assert not (tmp_path / "other").exists() or not any((tmp_path / "other").iterdir())
