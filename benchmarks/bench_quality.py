@@ -1,7 +1,8 @@
-"""Quality benchmark on the embedded digits model: every strategy against the CFG frontier.
+"""Quality benchmark on an embedded model (digits or glyphs): every strategy against the CFG frontier.
 
     python benchmarks/bench_quality.py                  # full run: 1000 samples x 3 seeds, 30 DDIM steps
     python benchmarks/bench_quality.py --per-class 10 --seeds 0 --steps 10 --out /tmp/q   # smoke run
+    python benchmarks/bench_quality.py --model glyphs   # SAMG's regime study on the glyphs model (docs/results.md)
 
 CFG traces a frontier of (class accuracy, FD) over ~8 scales. Every other strategy is run at 2-3
 strengths chosen to land inside that accuracy range, from the same noise per seed, and is reported as
@@ -27,10 +28,19 @@ from pathlib import Path
 import torch
 
 import guidekit as gk
-from guidekit.energy import BoundMapper, GaussianSmooth, LinearMapper, MinMax, ThresholdMapper
+from guidekit.energy import (
+    BoundMapper,
+    DeltaScore,
+    DeltaSquared,
+    GaussianSmooth,
+    LinearMapper,
+    MinMax,
+    ThresholdMapper,
+    X0DeltaSquared,
+)
 from guidekit.metrics import excess_over_frontier
 from guidekit.zoo.cmdline import guarded, require_extras
-from guidekit.zoo.compare import DigitsBench, Settings
+from guidekit.zoo.compare import Bench, DigitsBench, Settings
 from guidekit.zoo.figures import frontier_plot, image_grid
 from guidekit.zoo.report import Comparison, Entry, run_comparison
 
@@ -70,26 +80,82 @@ def entries() -> list[Entry]:
     return out
 
 
-def _run_part(todo: list[Entry], settings: Settings, seeds: list[int]) -> Comparison:
+GLYPHS_CFG_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def glyphs_entries() -> list[Entry]:
+    """SAMG's regime study on the glyphs model: the CFG frontier, SAMG with the published direction, the
+    mirrored control and the curvature-bound mapper with each energy estimator, then CFG's neighbours
+    (APG, Interval(CFG), the ramp and TV-CFG schedules), each at a mid and a high scale.
+
+    On one channel and with the default per-sample min-max, the three energy estimators give the *same*
+    scale map (they differ by a per-sample factor, which the normalisation removes), so the linear
+    mappers run with the default estimator only; the bound mapper reads absolute energy, so it runs with
+    each, its ``K`` set so that ``Ω = w`` at the median energy of a CFG-3 run at mid noise (measured).
+    """
+    out = [Entry("cfg", f"w={s:g}", gk.CFG(s)) for s in GLYPHS_CFG_SCALES]
+
+    def add(family: str, strengths: tuple[float, ...], make: Callable[[float], gk.GuidanceStrategy]) -> None:
+        out.extend(Entry(family, f"w={s:g}", make(s)) for s in strengths)
+
+    add("samg published [2w/3,1.6w]", (2.0, 3.0), lambda w: gk.SAMG(w=w))
+    add("samg mirrored (control)", (2.0, 3.0), lambda w: gk.SAMG(mapper=LinearMapper(2 * w / 3, 1.6 * w, "increasing")))
+    for name, energy, k in BOUND_K:
+        add(
+            f"samg bound {name}",
+            (3.0,),
+            lambda w, e=energy, k=k: gk.SAMG(energy=e, mapper=BoundMapper(1.0, 2 * w, k=k)),
+        )
+    add("apg η=0 r=2.5 β=-0.5", (3.0,), lambda w: gk.APG(w, 0.0, 2.5, -0.5))
+    add("interval (0.28,5.42]", (3.0,), lambda w: gk.Interval(gk.CFG(w)))
+    add("ramp (linear, mean w)", (3.0,), lambda w: gk.strategies.get("ramp")(inner=gk.CFG(w)))
+    add("tv-cfg (mean w)", (3.0,), lambda w: gk.strategies.get("tv-cfg")(inner=gk.CFG(w)))
+    return out
+
+
+BOUND_K: tuple[tuple[str, object, float], ...] = (
+    ("x0-delta-sq", X0DeltaSquared(), 0.1),
+    ("delta-sq", DeltaSquared(), 0.1),
+    ("delta-score", DeltaScore(), 0.1),
+)
+"""``(name, estimator, K)`` of the bound mapper runs on the glyphs model (K: see :func:`glyphs_entries`)."""
+
+MODELS: dict[str, dict] = {
+    "digits": {"entries": entries, "quality": "fd_test", "texture": None},
+    "glyphs": {"entries": glyphs_entries, "quality": "fd", "texture": "spec_err"},
+}
+
+
+def make_bench(model: str) -> Bench:
+    if model == "glyphs":
+        from guidekit.zoo.glyphs.bench import GlyphsBench
+
+        return GlyphsBench()
+    return DigitsBench()
+
+
+def _run_part(todo: list[Entry], settings: Settings, seeds: list[int], model: str = "digits") -> Comparison:
     """One worker: its own bench, one thread, no progress bar; records dropped (not needed here)."""
     torch.set_num_threads(1)
-    part = run_comparison(DigitsBench(), todo, settings, seeds, progress=False)
+    part = run_comparison(make_bench(model), todo, settings, seeds, progress=False)
     for run in part.first_runs:
         run.records = []
     return part
 
 
-def run_parallel(todo: list[Entry], settings: Settings, seeds: list[int], jobs: int) -> Comparison:
+def run_parallel(
+    todo: list[Entry], settings: Settings, seeds: list[int], jobs: int, model: str = "digits"
+) -> Comparison:
     """:func:`run_comparison` split over ``jobs`` processes; results do not depend on ``jobs``."""
     if jobs <= 1:
         torch.set_num_threads(1)
-        return run_comparison(DigitsBench(), todo, settings, seeds)
+        return run_comparison(make_bench(model), todo, settings, seeds)
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     chunks = [todo[i::jobs] for i in range(jobs)]
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-        parts = list(pool.map(_run_part, chunks, [settings] * jobs, [seeds] * jobs))
+        parts = list(pool.map(_run_part, chunks, [settings] * jobs, [seeds] * jobs, [model] * jobs))
     order = {id(e): k for k, e in enumerate(todo)}
     merged = Comparison(parts[0].bench, settings, tuple(seeds), list(todo))
     by_entry = {}
@@ -129,7 +195,9 @@ def _cell(mean: float, sd: float, digits: int = 2) -> str:
     return f"{mean:+.{digits}f} ± {sd:.{digits}f}" if not math.isnan(sd) else f"{mean:+.{digits}f}"
 
 
-def markdown(comparison: Comparison, seeds: list[int]) -> str:
+def markdown(comparison: Comparison, seeds: list[int], model: str = "digits") -> str:
+    if model == "glyphs":
+        return markdown_glyphs(comparison, seeds)
     rows = comparison.rows
     ex_acc = paired_excess(rows, seeds, "acc", "fd_test")
     ex_py = paired_excess(rows, seeds, "p_y", "fd_test")
@@ -154,14 +222,45 @@ def markdown(comparison: Comparison, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def family_summary(comparison: Comparison, seeds: list[int]) -> str:
+def markdown_glyphs(comparison: Comparison, seeds: list[int]) -> str:
+    """The glyphs table: per-head accuracy, FD and the texture metric, each excess at matched p(prompt|x)."""
+    rows = comparison.rows
+    ex_fd = paired_excess(rows, seeds, "p_y", "fd")
+    ex_acc = paired_excess(rows, seeds, "acc", "fd")
+    ex_spec = paired_excess(rows, seeds, "p_y", "spec_err")
+    lines = [
+        "| strategy | setting | acc | p(prompt\\|x) | digit acc | texture acc | FD | excess FD @ p | excess FD @ acc "
+        "| spec err | excess spec err @ p | \\|x\\|>1 | NFE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, entry in enumerate(comparison.entries):
+        mine = [r for r in rows if r["index"] == i]
+
+        def m(key: str, mine: list[dict] = mine) -> float:
+            return statistics.fmean(r[key] for r in mine)
+
+        cfg = entry.family == "cfg"
+        cells = ["—"] * 3 if cfg else [_cell(*_spread(ex[i]), d) for ex, d in ((ex_fd, 2), (ex_acc, 2), (ex_spec, 3))]
+        lines.append(
+            f"| {entry.family} | {entry.strength} | {m('acc'):.3f} | {m('p_y'):.3f} | {m('digit_acc'):.3f} "
+            f"| {m('texture_acc'):.3f} | {m('fd'):.2f} | {cells[0]} | {cells[1]} | {m('spec_err'):.3f} | {cells[2]} "
+            f"| {m('sat'):.4f} | {m('nfe'):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def family_summary(comparison: Comparison, seeds: list[int], model: str = "digits") -> str:
     """Per family: the mean paired excess over its settings that land inside the frontier."""
     rows = comparison.rows
-    ex_acc = paired_excess(rows, seeds, "acc", "fd_test")
-    ex_py = paired_excess(rows, seeds, "p_y", "fd_test")
+    quality, texture = MODELS[model]["quality"], MODELS[model]["texture"]
+    ex_acc = paired_excess(rows, seeds, "acc", quality)
+    ex_py = paired_excess(rows, seeds, "p_y", quality)
+    ex_tex = paired_excess(rows, seeds, "p_y", texture) if texture else {}
     lines = [
-        "| strategy | settings inside | mean excess FD @ acc | mean excess FD @ p(y\\|x) | NFE |",
-        "|---|---|---|---|---|",
+        "| strategy | settings inside | mean excess FD @ acc | mean excess FD @ p(y\\|x) "
+        + ("| mean excess spec err @ p(y\\|x) " if texture else "")
+        + "| NFE |",
+        "|---|---|---|---|" + ("---|" if texture else "") + "---|",
     ]
     families = list(dict.fromkeys(e.family for e in comparison.entries if e.family != "cfg"))
     for fam in families:
@@ -170,15 +269,19 @@ def family_summary(comparison: Comparison, seeds: list[int]) -> str:
         py_vals = [v for i in idx for v in ex_py[i] if not math.isnan(v)]
         inside = sum(1 for i in idx if not all(math.isnan(v) for v in ex_py[i]))
         nfe = statistics.fmean(r["nfe"] for r in rows if r["index"] in idx)
-        lines.append(
-            f"| {fam} | {inside}/{len(idx)} | {_cell(*_spread(acc_vals))} | {_cell(*_spread(py_vals))} | {nfe:.0f} |"
-        )
+        tex = ""
+        if texture:
+            tex_vals = [v for i in idx for v in ex_tex[i] if not math.isnan(v)]
+            tex = f" {_cell(*_spread(tex_vals), 3)} |"
+        cells = f"| {_cell(*_spread(acc_vals))} | {_cell(*_spread(py_vals))} |{tex}"
+        lines.append(f"| {fam} | {inside}/{len(idx)} {cells} {nfe:.0f} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--per-class", type=int, default=100)
+    parser.add_argument("--model", choices=sorted(MODELS), default="digits", help="embedded model (default digits)")
+    parser.add_argument("--per-class", type=int, default=None, help="default 100 per digit; 20 per glyphs prompt")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="worker processes, one thread each (default 2)")
@@ -193,28 +296,42 @@ def main() -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    todo = [e for e in entries() if e.family == "cfg" or not args.only or e.family in args.only]
+    model = args.model
+    if args.per_class is None:
+        args.per_class = 20 if model == "glyphs" else 100
+    todo = [e for e in MODELS[model]["entries"]() if e.family == "cfg" or not args.only or e.family in args.only]
     settings = Settings(sampler="ddim", steps=args.steps, per_class=args.per_class, schedule="trailing")
     start = time.perf_counter()
-    comparison = run_parallel(todo, settings, args.seeds, args.jobs)
+    comparison = run_parallel(todo, settings, args.seeds, args.jobs, model)
     minutes = (time.perf_counter() - start) / 60
+    classes = comparison.bench.num_classes
     header = (
-        f"digits, DDIM {args.steps} trailing steps, {args.per_class * 10} samples x seeds {args.seeds}, "
+        f"{model}, DDIM {args.steps} trailing steps, {args.per_class * classes} samples x seeds {args.seeds}, "
         f"torch {torch.__version__}, {args.jobs} process(es) x 1 thread, {minutes:.1f} min wall"
     )
-    table = markdown(comparison, args.seeds)
-    summary = family_summary(comparison, args.seeds)
+    table = markdown(comparison, args.seeds, model)
+    summary = family_summary(comparison, args.seeds, model)
     (out / "quality.md").write_text(f"{header}\n\n{summary}\n\n{table}\n")
     (out / "quality.json").write_text(json.dumps({"header": header, "runs": comparison.rows}, indent=1) + "\n")
     print(header, summary, table, sep="\n\n")
 
-    figures = [plot(comparison.rows, out / "quality-frontier.png", len(args.seeds), args.per_class * 10)]
-    pick = [c * args.per_class for c in range(10)]
+    samples = args.per_class * classes
+    figures = [plot(comparison.rows, out / "quality-frontier.png", len(args.seeds), samples, model, args.steps)]
+    if model == "glyphs":
+        figures.append(
+            plot(comparison.rows, out / "quality-texture.png", len(args.seeds), samples, model, args.steps, "spec_err")
+        )
+    # glyphs: ten prompts on a diagonal of (digit, texture), every texture twice
+    classes_shown = [11 * c % 50 for c in range(10)] if model == "glyphs" else list(range(10))
+    pick = [c * args.per_class for c in classes_shown]
     firsts = dict(zip(range(len(todo)), comparison.first_runs, strict=True))
     shown = [i for i, e in enumerate(todo) if e.family == "cfg" or e.strength == _middle(todo, e.family)]
-    grid_rows = [("test digits", comparison.bench.reference_images(1))]
+    grid_rows = [(comparison.bench.reference_name, comparison.bench.reference_images(1)[classes_shown])]
     grid_rows += [(todo[i].label, firsts[i].samples[pick]) for i in shown]
-    title = f"digits, DDIM {args.steps} steps: one sample per class (seed {args.seeds[0]}, the same noise in every row)"
+    what = "prompt" if model == "glyphs" else "class"
+    title = (
+        f"{model}, DDIM {args.steps} steps: one sample per {what} (seed {args.seeds[0]}, the same noise in every row)"
+    )
     figures.append(image_grid(grid_rows, out / "quality-grid.png", title=title))
     if args.img:
         Path(args.img).mkdir(parents=True, exist_ok=True)
@@ -222,16 +339,21 @@ def main() -> None:
             shutil.copy(fig, Path(args.img) / fig.name)
 
 
-def plot(rows: list[dict], path: Path, seeds: int, samples: int) -> Path:
-    """FD (test) against the class error ``1 - p(y|x)``, per family, means over seeds."""
+def plot(
+    rows: list[dict], path: Path, seeds: int, samples: int, model: str = "digits", steps: int = 30, quality: str = ""
+) -> Path:
+    """``quality`` (default FD) against the class error ``1 - p(y|x)``, per family, means over seeds."""
+    quality = quality or MODELS[model]["quality"]
+    names = {"fd_test": "FD (test)", "fd": "FD (held-out)", "spec_err": "high-pass spectral error"}
     labels = list(dict.fromkeys(r["label"] for r in rows))
     means = []
     for label in labels:
         mine = [r for r in rows if r["label"] == label]
-        mean = {k: statistics.fmean(r[k] for r in mine) for k in ("p_y", "fd_test")}
-        means.append({**mine[0], "fidelity": mean["p_y"], "quality": mean["fd_test"]})
-    title = f"digits: FD (test) vs class error, mean of {seeds} seed(s) x {samples} samples, DDIM 30"
-    return frontier_plot(means, "p(y|x)", "FD (test)", path, title=title)
+        mean = {k: statistics.fmean(r[k] for r in mine) for k in ("p_y", quality)}
+        means.append({**mine[0], "fidelity": mean["p_y"], "quality": mean[quality]})
+    error = "prompt error" if model == "glyphs" else "class error"
+    title = f"{model}: {names[quality]} vs {error}, mean of {seeds} seed(s) x {samples} samples, DDIM {steps}"
+    return frontier_plot(means, "p(y|x)", names[quality], path, title=title)
 
 
 def replot(out: Path, img: str | None) -> None:
@@ -240,7 +362,8 @@ def replot(out: Path, img: str | None) -> None:
     rows = data["runs"]
     seeds = len({r["seed"] for r in rows})
     samples = int(data["header"].split(" samples")[0].split(", ")[-1])
-    path = plot(rows, out / "quality-frontier.png", seeds, samples)
+    model = data["header"].split(",")[0]
+    path = plot(rows, out / "quality-frontier.png", seeds, samples, model if model in MODELS else "digits")
     if img:
         shutil.copy(path, Path(img) / path.name)
 
