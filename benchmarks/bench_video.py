@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from guidekit import CFG, STG, GuidanceStrategy
 from guidekit.metrics.video import video_metrics
 from guidekit.zoo import video
 from guidekit.zoo.cmdline import guarded, require_extras
@@ -31,7 +32,21 @@ from guidekit.zoo.video.demo import demo_strategies
 
 KEYS = ("acc", "p_y", "fd", "mc_diff", "mc_rel", "flicker", "switch", "over_share", "over_mean", "sat")
 MATCHED = ("fd", "mc_diff", "mc_rel", "flicker", "over_share", "sat")
-FAMILIES = ("cfg", "samg-clip", "samg-frame", "apg", "interval")
+FAMILIES = ("cfg", "samg-clip", "samg-frame", "apg", "interval", "stg-r", "stg-a")
+DEFAULT_FAMILIES = FAMILIES[:5]
+"""The SAMG study's families; ``--families cfg stg-r stg-a`` is STG's study (docs/video-results.md)."""
+
+
+def strategies(scale: float) -> dict[str, GuidanceStrategy]:
+    """The demo's strategies at base scale ``w``, and STG around ``CFG(w)``: STG-R skips the residual block
+    after the space-time attention (``net.mid2``), STG-A makes that attention the identity; scale 1, ρ = 0.7."""
+    return {
+        **demo_strategies(scale),
+        "stg-r": STG(CFG(scale), 1.0, ("net.mid2",)),
+        "stg-a": STG(CFG(scale), 1.0, ("net.attn.attn",), mode="A"),
+    }
+
+
 ROOT = Path(__file__).resolve().parent
 
 
@@ -39,12 +54,13 @@ def sweep(args: argparse.Namespace) -> dict:
     model, classifier = video.load_denoiser(), video.load_classifier()
     reference, _ = video.real_reference(classifier)
     runs: list[dict] = []
-    settings = [("cond", 1.0)] + [(f, w) for w in args.scales for f in FAMILIES]
+    families = [f for f in FAMILIES if f == "cfg" or f in args.families]
+    settings = [("cond", 1.0)] + [(f, w) for w in args.scales for f in families]
     start = time.perf_counter()
     for seed in args.seeds:
         setting = video.EvalSetting(args.per_class, args.steps, args.sampler, seed)
         for family, w in settings:
-            strategy = None if family == "cond" else demo_strategies(w)[family]
+            strategy = None if family == "cond" else strategies(w)[family]
             metrics, _ = video.evaluate(model, classifier, reference, strategy, setting)
             runs.append({"family": family, "scale": w, "seed": seed, **metrics})
             shown = "  ".join(f"{k}={metrics[k]:.4g}" for k in ("p_y", "fd", "mc_rel", "flicker", "over_share"))
@@ -166,6 +182,9 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--sampler", default="euler")
+    parser.add_argument(
+        "--families", nargs="+", choices=FAMILIES, default=list(DEFAULT_FAMILIES), help="cfg always runs"
+    )
     parser.add_argument("--out", default=str(ROOT / "results" / "bench_video.json"))
     parser.add_argument("--figure", metavar="PNG", help="only draw the frame-strip figure (docs/img/...)")
     args = parser.parse_args()

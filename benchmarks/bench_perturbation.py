@@ -1,0 +1,204 @@
+"""Perturbation and attention guidance on the glyphs model (self- and cross-attention): quality, measured.
+
+    python benchmarks/bench_perturbation.py                       # 3 seeds x 500 samples (about 25 min, 2 jobs)
+    python benchmarks/bench_perturbation.py --per-class 4 --seeds 0 --steps 10 --out /tmp/p   # smoke run
+
+Three studies, each against CFG on the same noise per seed (DDIM, trailing steps):
+
+1. **Prompted** (full prompts ``[digit, texture]``): PAG, SEG, SAG, S-CFG (each with CFG 3 inside, at two
+   perturbation scales) and NAG (with CFG 3) as the *paired excess FD over the CFG frontier* at matched
+   p(prompt|x) and at matched prompt accuracy, the way ``bench_quality.py`` reports SAMG: negative is
+   better than CFG at the same prompt adherence. NFE per sample beside it.
+2. **Without a prompt** (every prompt token null): PAG, SEG and SAG need no prompt, so they run with
+   ``CFG(1)`` inside (one conditional forward plus the perturbed one); reported against the plain
+   unconditional sampler, FD and the high-pass spectral error.
+3. **Negative prompt** (digit-only prompts, negative texture ``dots``): CFG with the negative prompt as its
+   unconditional branch (2 forwards) against NAG with CFG 1 (one forward carrying the negative context) and
+   the run without a negative: the rate of the excluded texture, digit accuracy, FD and NFE.
+
+The perturbed layers are the glyphs U-net's documented names (``mid.self_attn``; NAG every
+``*.cross_attn``). Writes ``perturbation.json`` and ``perturbation.md`` into ``--out`` and, unless
+``--no-write``, the section "Perturbation guidance" of docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _docs import replace_section
+from bench_quality import _cell, _spread, paired_excess
+
+import guidekit as gk
+from guidekit.zoo.cmdline import guarded, require_extras
+from guidekit.zoo.compare import Settings
+from guidekit.zoo.report import Comparison, Entry, run_comparison
+
+SECTION = "## Perturbation guidance"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+CFG_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+SELF = ("mid.self_attn",)
+W = 3.0
+"""CFG scale inside the perturbation strategies of the prompted study."""
+
+
+def prompted_entries() -> list[Entry]:
+    out = [Entry("cfg", f"w={s:g}", gk.CFG(s)) for s in CFG_SCALES]
+    inner = gk.CFG(W)
+    for s in (1.0, 3.0):
+        out.append(Entry(f"pag + cfg {W:g}", f"s={s:g}", gk.PAG(inner, s, SELF)))
+        out.append(Entry(f"seg + cfg {W:g}", f"s={s:g}", gk.SEG(inner, s, SELF)))
+        out.append(Entry(f"sag + cfg {W:g}", f"s={s / 4:g}", gk.strategies.get("sag")(inner, s / 4, layers=SELF)))
+    if "s-cfg" in gk.strategies.names():
+        out.append(Entry("s-cfg", f"w={W:g}", gk.strategies.get("s-cfg")(scale=W)))
+    out.append(Entry(f"nag + cfg {W:g}", "φ=3", gk.strategies.get("nag")(inner, 3.0)))
+    return out
+
+
+def unprompted_entries() -> list[Entry]:
+    out = [Entry("unconditional", "", gk.CFG(1.0))]
+    for s in (1.0, 3.0):
+        out.append(Entry("pag", f"s={s:g}", gk.PAG(gk.CFG(1.0), s, SELF)))
+        out.append(Entry("seg", f"s={s:g}", gk.SEG(gk.CFG(1.0), s, SELF)))
+        out.append(Entry("sag", f"s={s / 4:g}", gk.strategies.get("sag")(gk.CFG(1.0), s / 4, layers=SELF)))
+    return out
+
+
+def negative_entries() -> list[tuple[Entry, dict[str, Any]]]:
+    watch = {"free_texture": True, "watch": "dots"}
+    negative = {"negative": "dots"}
+    out = [(Entry("no negative", f"cfg w={s:g}", gk.CFG(s)), watch) for s in (1.0, W)]
+    out += [(Entry("cfg, negative prompt", f"w={s:g}", gk.CFG(s)), negative) for s in (1.5, W)]
+    out += [(Entry("nag, cfg 1", f"φ={p:g}", gk.strategies.get("nag")(gk.CFG(1.0), p)), negative) for p in (3.0, 5.0)]
+    return out
+
+
+def make_bench(kwargs: dict[str, Any]) -> Any:
+    from guidekit.zoo.glyphs.bench import GlyphsBench
+
+    return GlyphsBench(**kwargs)
+
+
+def _run(todo: list[Entry], settings: Settings, seeds: list[int], kwargs: dict[str, Any]) -> Comparison:
+    torch.set_num_threads(1)
+    part = run_comparison(make_bench(kwargs), todo, settings, seeds, progress=False)
+    for run in part.first_runs:
+        run.records = []
+    return part
+
+
+def run_all(jobs: list[tuple[list[Entry], dict[str, Any]]], settings: Settings, seeds: list[int], workers: int):
+    """Every ``(entries, bench kwargs)`` job, ``workers`` processes (one thread each)."""
+    if workers <= 1:
+        return [_run(todo, settings, seeds, kw) for todo, kw in jobs]
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(_run, todo, settings, seeds, kw) for todo, kw in jobs]
+        return [f.result() for f in futures]
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    values = [r[key] for r in rows if key in r]
+    return statistics.fmean(values) if values else math.nan
+
+
+def prompted_table(comparison: Comparison, seeds: list[int]) -> str:
+    rows = comparison.rows
+    ex_p, ex_acc = paired_excess(rows, seeds, "p_y", "fd"), paired_excess(rows, seeds, "acc", "fd")
+    ex_spec = paired_excess(rows, seeds, "p_y", "spec_err")
+    lines = [
+        "| strategy | setting | acc | p(prompt\\|x) | FD | excess FD @ p | excess FD @ acc | spec err "
+        "| excess spec err @ p | NFE |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, entry in enumerate(comparison.entries):
+        mine = [r for r in rows if r["index"] == i]
+        cells = ["—"] * 3
+        if entry.family != "cfg":
+            cells = [_cell(*_spread(ex[i]), d) for ex, d in ((ex_p, 2), (ex_acc, 2), (ex_spec, 3))]
+        lines.append(
+            f"| {entry.family} | {entry.strength} | {_mean(mine, 'acc'):.3f} | {_mean(mine, 'p_y'):.3f} "
+            f"| {_mean(mine, 'fd'):.2f} | {cells[0]} | {cells[1]} | {_mean(mine, 'spec_err'):.3f} | {cells[2]} "
+            f"| {_mean(mine, 'nfe'):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plain_table(comparisons: list[Comparison], columns: tuple[str, ...]) -> str:
+    """Means ± seed spread of ``columns`` per entry, over one or more comparisons."""
+    lines = ["| strategy | setting | " + " | ".join(columns) + " | NFE |", "|---|---|" + "---|" * (len(columns) + 1)]
+    for comparison in comparisons:
+        for i, entry in enumerate(comparison.entries):
+            mine = [r for r in comparison.rows if r["index"] == i]
+            cells = []
+            for key in columns:
+                values = [r[key] for r in mine if key in r]
+                mean, sd = _spread(values) if values else (math.nan, math.nan)
+                cells.append("—" if math.isnan(mean) else f"{mean:.3f} ± {sd:.3f}")
+            lines.append(
+                f"| {entry.family} | {entry.strength} | " + " | ".join(cells) + f" | {_mean(mine, 'nfe'):.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--per-class", type=int, default=10, help="samples per prompt (50 prompts; default 10)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes, one thread each (default 2)")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--no-write", action="store_true", help="do not update docs/results.md")
+    args = parser.parse_args()
+    require_extras("benchmark", ["sklearn", "matplotlib"])
+    if args.per_class < 1 or args.steps < 1:
+        raise gk.ConfigError(f"--per-class, --steps: expected positive integers, got {args.per_class}, {args.steps}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = Settings(sampler="ddim", steps=args.steps, per_class=args.per_class, schedule="trailing")
+    unprompted = {"free_texture": True, "unprompted": True}
+    negatives = negative_entries()
+    groups: dict[tuple, list[Entry]] = {}
+    for entry, kw in negatives:
+        groups.setdefault(tuple(sorted(kw.items())), []).append(entry)
+    jobs = [(prompted_entries(), {}), (unprompted_entries(), unprompted)]
+    jobs += [(todo, dict(key)) for key, todo in groups.items()]
+    start = time.perf_counter()
+    results = run_all(jobs, settings, args.seeds, args.jobs)
+    minutes = (time.perf_counter() - start) / 60
+    prompted, plain, *negative = results
+    header = (
+        f"glyphs, DDIM {args.steps} trailing steps, {args.per_class} samples per prompt x seeds {args.seeds}, torch "
+        f"{torch.__version__}, {args.jobs} process(es) x 1 thread, {minutes:.1f} min wall"
+    )
+    body = "\n\n".join(
+        [
+            "**1. Prompted** (50 full prompts; excess over the CFG frontier, mean ± sd over seeds):\n\n"
+            + prompted_table(prompted, args.seeds),
+            "**2. Without a prompt** (all tokens null; 10 digit-only reference classes):\n\n"
+            + plain_table([plain], ("fd", "spec_err", "sat")),
+            "**3. Negative prompt `texture=dots`** (digit-only prompts):\n\n"
+            + plain_table(negative, ("neg_rate", "digit_acc", "fd")),
+        ]
+    )
+    (out / "perturbation.md").write_text(f"{header}\n\n{body}\n")
+    rows = {"prompted": prompted.rows, "unprompted": plain.rows, "negative": [r for c in negative for r in c.rows]}
+    (out / "perturbation.json").write_text(json.dumps({"header": header, "runs": rows}, indent=1, default=str) + "\n")
+    print(header, body, sep="\n\n")
+    if not args.no_write:
+        command = "python benchmarks/bench_perturbation.py" + (
+            f" --per-class {args.per_class} --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}"
+        )
+        replace_section(SECTION, f"{SECTION}\n\n`{command}`: {header}.\n\n{body}\n", DOC)
+
+
+if __name__ == "__main__":
+    raise SystemExit(guarded("benchmarks/bench_perturbation.py", main))
