@@ -104,6 +104,7 @@ def test_missing_extra_is_named_before_any_work(
         ("bench_catalogue.py", ["quality"]),
         ("bench_video.py", ["--per-class", "1"]),
         ("bench_loss_guidance.py", ["--per-class", "1", "--no-doc"]),
+        ("bench_perturbation.py", ["--per-class", "1", "--no-write"]),
     ],
 )
 def test_benchmarks_name_missing_scikit_learn(
