@@ -114,11 +114,12 @@ class NoPerturbation(Perturbation):
 class AttentionMaps(_Selected):
     """Attention maps a branch asks its forward to record (SAG, S-CFG): the observer.
 
-    ``layers`` select attention modules as perturbations do; ``which`` is ``"self"`` (self-attention) or
-    ``"cross"`` (cross-attention: a key that is not the query; diffusers' ``is_cross_attention``). The
-    backend records, for the branch's rows, each selected layer's attention probabilities averaged over
-    heads, ``(b, queries, keys)``, without changing the forward, and the engine hands them to the strategy
-    as ``ctx.attention[branch name][layer name]``. Nothing is hooked for a plan that asks for none.
+    ``layers`` select attention modules as perturbations do; ``which`` is ``"self"`` (self-attention),
+    ``"cross"`` (cross-attention: a key that is not the query; diffusers' ``is_cross_attention``) or
+    ``"both"``. The backend records, for the branch's rows, each selected layer's attention probabilities
+    averaged over heads, ``(b, queries, keys)``, without changing the forward, and the engine hands them to
+    the strategy as ``ctx.attention[branch name]["self:<layer>" or "cross:<layer>"]`` (in the order the
+    layers ran). Nothing is hooked for a plan that asks for none.
     """
 
     role: ClassVar[str] = "observe"
@@ -128,8 +129,13 @@ class AttentionMaps(_Selected):
     def __post_init__(self) -> None:
         if not isinstance(self.layers, tuple) or not self.layers or not all(isinstance(x, str) for x in self.layers):
             raise ConfigError(f"layers: expected a tuple of one or more layer selectors, got {self.layers!r}")
-        if self.which not in ("self", "cross"):
-            raise ConfigError(f"which: expected 'self' or 'cross', got {self.which!r}")
+        if self.which not in ("self", "cross", "both"):
+            raise ConfigError(f"which: expected 'self', 'cross' or 'both', got {self.which!r}")
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        """``{"self"}``, ``{"cross"}`` or both."""
+        return frozenset({"self", "cross"}) if self.which == "both" else frozenset({self.which})
 
 
 @dataclass(frozen=True)

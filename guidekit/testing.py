@@ -558,7 +558,7 @@ def check_plan(s: GuidanceStrategy, ex: Example) -> str | None:
         unknown = {b.model for b in plan} - s.models()
         if unknown:
             return f"branches() used models {sorted(unknown)} that models() = {sorted(s.models())} does not declare"
-        watched = {b.observe.which for b in plan if b.observe is not None} - s.observers()
+        watched = {k for b in plan if b.observe is not None for k in b.observe.kinds} - s.observers()
         if watched:
             return (
                 f"branches() recorded attention maps {sorted(watched)} that observers() = "
@@ -602,17 +602,19 @@ class _CountingBackend(Backend):
         carried = branches[0].perturbation.conditions() if branches[0].perturbation is not None else ()
         self.rows += len(branches) * (1 + len(carried)) * x.shape[0]  # a perturbation's own conditions' rows
         preds = _plan_predictions(branches, self.c, self.u)
-        for branch in branches:  # an observed branch gets a stand-in attention map over its full-size tokens
+        for branch in branches:  # an observed branch gets stand-in maps over its full-size tokens
             if branch.observe is not None:
-                preds[observation_key(branch.name, "stand-in")] = _stand_in_map(self.c)
+                for kind in sorted(branch.observe.kinds):
+                    preds[observation_key(branch.name, f"{kind}:stand-in")] = _stand_in_map(self.c, kind)
         return preds
 
 
-def _stand_in_map(like: Tensor) -> Tensor:
-    """A fixed attention map ``(b, n, n)`` over the ``n`` spatial positions of ``like`` (softmax rows)."""
+def _stand_in_map(like: Tensor, kind: str) -> Tensor:
+    """A fixed attention map over the ``n`` spatial positions of ``like``: ``(b, n, n)`` for self-attention,
+    ``(b, n, 3)`` (three context tokens) for cross-attention; softmax rows."""
     n = math.prod(like.shape[2:])
-    gen = torch.Generator().manual_seed(7)
-    logits = 3.0 * torch.randn(like.shape[0], n, n, generator=gen, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(7 if kind == "self" else 8)
+    logits = 3.0 * torch.randn(like.shape[0], n, n if kind == "self" else 3, generator=gen, dtype=torch.float64)
     return torch.softmax(logits, dim=-1).to(device=like.device, dtype=like.dtype)
 
 

@@ -50,7 +50,7 @@ def test_the_observer_records_the_modules_own_weights_and_changes_nothing(dtype)
     handle.remove()
     assert hooks_during[0] == 1 and hooks_during[1] == 2  # the probe alone, then the probe and the observer
     assert torch.equal(plain["cond"], watched["cond"])
-    amap = watched[gk.branch.observation_key("cond", "mid.self_attn")]
+    amap = watched[gk.branch.observation_key("cond", "self:mid.self_attn")]
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     assert amap.shape == (2, 64, 64) and torch.allclose(amap, seen[1], atol=tol)
     assert len(attn._forward_hooks) == 0

@@ -439,7 +439,7 @@ class Engine:
             preds = {k: v.detach() for k, v in preds.items()}
         if ctx.substep == 0:
             self._state = new_state
-        self._record(pending, preds)
+        self._record(pending._replace(ctx=ctx), preds)  # the context with the attention maps
         return Evaluation(
             self._from_space(guided, x, ctx.sigma),
             None if renoise is None or x is None else convert(renoise, self.space, "eps", x, ctx.sigma),

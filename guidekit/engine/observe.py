@@ -2,7 +2,8 @@
 
 A branch that sets ``observe=AttentionMaps(layers, which)`` (:class:`guidekit.branch.AttentionMaps`) gets,
 for its rows, each selected ``torch.nn.MultiheadAttention``'s attention probabilities averaged over heads,
-``(b, queries, keys)``. They are computed beside the module's own forward from its input projections (the
+``(b, queries, keys)``, as ``"self:<name>"`` or ``"cross:<name>"`` (a call whose key is its query is
+self-attention). They are computed beside the module's own forward from its input projections (the
 forward and its output are untouched) by forward hooks that exist only for that forward: a plan that
 observes nothing installs none. A module called several times in one forward keeps its first map.
 """
@@ -60,10 +61,11 @@ def observed(model: Any, specs: Sequence[AttentionMaps]) -> Iterator[dict[Attent
                 ) -> None:
                     query = args[0] if args else kwargs["query"]
                     key = args[1] if len(args) > 1 else kwargs["key"]
-                    if (key is query) != (spec.which == "self") or name in record[spec]:
+                    entry = f"{'self' if key is query else 'cross'}:{name}"
+                    if entry.split(":")[0] not in spec.kinds or entry in record[spec]:
                         return
                     with torch.no_grad():
-                        record[spec][name] = mha_attention_map(m, query, key)  # type: ignore[arg-type]
+                        record[spec][entry] = mha_attention_map(m, query, key)  # type: ignore[arg-type]
 
                 handles.append(module.register_forward_hook(hook, with_kwargs=True))
         yield record
@@ -74,6 +76,5 @@ def observed(model: Any, specs: Sequence[AttentionMaps]) -> Iterator[dict[Attent
         if not maps:
             raise ConfigError(
                 f"observe: the layers {list(spec.layers)} of {type(model).__name__} ran no {spec.which}-attention "
-                f"(a {spec.which}-attention call has {'the' if spec.which == 'self' else 'a'} key "
-                f"{'equal to' if spec.which == 'self' else 'other than'} its query)"
+                "(a self-attention call has its query as key, a cross-attention call another key)"
             )

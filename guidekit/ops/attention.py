@@ -10,7 +10,17 @@ from torch import Tensor
 
 from ..errors import ConfigError
 
-__all__ = ["INFINITE_BLUR", "attended_mask", "blur_queries", "gaussian_blur", "normalized_attention", "token_grid"]
+__all__ = [
+    "INFINITE_BLUR",
+    "attended_mask",
+    "blur_queries",
+    "gaussian_blur",
+    "normalized_attention",
+    "region_rates",
+    "scfg_smooth",
+    "semantic_regions",
+    "token_grid",
+]
 
 INFINITE_BLUR = 9999.0
 """A query blur sigma at or above this is the infinite blur (the official SEG threshold)."""
@@ -96,3 +106,87 @@ def gaussian_blur(x: Tensor, sigma: float, kernel_size: int = 9) -> Tensor:
         flat = F.conv1d(F.pad(flat, (size // 2, size // 2), mode="reflect"), k.view(1, 1, -1))
         out = flat.reshape(moved.shape).movedim(-1, dim)
     return out
+
+
+# -- S-CFG: semantic regions from attention maps --------------------------------------------------------------
+def _planes(t: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """``(b, k, *spatial)`` as 2-D planes ``(b·F, k, H, W)`` (leading spatial dims folded into the batch; a
+    1-D sample is one row), with what :func:`_unplanes` needs to undo it."""
+    b, k, *spatial = t.shape
+    if len(spatial) == 1:
+        return t.reshape(b, k, 1, spatial[0]), (b, k, *spatial)
+    lead = math.prod(spatial[:-2])
+    planes = t.reshape(b, k, lead, *spatial[-2:]).movedim(2, 1).reshape(b * lead, k, *spatial[-2:])
+    return planes, (b, k, *spatial)
+
+
+def _unplanes(planes: Tensor, shape: tuple[int, ...]) -> Tensor:
+    b, _, *spatial = shape
+    k = planes.shape[1]
+    if len(spatial) == 1:
+        return planes.reshape(b, k, *spatial)
+    lead = math.prod(spatial[:-2])
+    return planes.reshape(b, lead, k, *spatial[-2:]).movedim(1, 2).reshape(b, k, *spatial)
+
+
+def scfg_smooth(t: Tensor) -> Tensor:
+    """S-CFG's 3x3 smoothing of ``(b, k, *spatial)`` over the last two dims: the official ``GaussianSmoothing(3,
+    0.5)``, whose kernel is ``exp(-(x / (2σ))²)`` (an effective σ of √2·0.5), normalised; reflect padding
+    (replicate on a dim of one)."""
+    planes, shape = _planes(t)
+    x = torch.tensor([-1.0, 0.0, 1.0], dtype=t.dtype, device=t.device)
+    k1 = torch.exp(-((x / (2 * 0.5)) ** 2))
+    kernel = torch.outer(k1, k1)
+    kernel = (kernel / kernel.sum()).expand(planes.shape[1], 1, 3, 3).contiguous()
+    h, w = planes.shape[-2:]
+    mode = "reflect" if h > 1 and w > 1 else "replicate"
+    out = F.conv2d(F.pad(planes, (1, 1, 1, 1), mode=mode), kernel, groups=planes.shape[1])
+    return _unplanes(out, shape)
+
+
+def semantic_regions(pairs: list[tuple[Tensor, Tensor]], spatial: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """S-CFG's per-token and foreground maps (Shen et al., CVPR 2024, official ``get_mask``).
+
+    ``pairs`` are ``(self map (b, n, n), cross map (b, n, T))`` of one layer each, heads averaged. Per layer:
+    ``S̃ = (S + 3 S²) / 4`` (the official loop; the paper's ``Σ_k S^k / R`` with R = 4 is not what it runs),
+    ``A = S̃ · CA`` on the layer's token grid, bilinearly upsampled to the finest grid among the layers,
+    smoothed (:func:`scfg_smooth`) and divided per token by its spatial mean; the foreground pair
+    ``(A_0, Σ_{t>0} A_t)`` likewise. Both are averaged over layers. Returns ``(regions (b, T, *grid),
+    foreground (b, 2, *grid))`` on the finest grid.
+    """
+    grids = [token_grid(sa.shape[1], spatial) for sa, _ in pairs]
+    finest = max(grids, key=math.prod)
+    total_ca: Tensor | float = 0.0
+    total_fore: Tensor | float = 0.0
+    for (sa, ca), grid in zip(pairs, grids, strict=True):
+        smoothed = (sa + 3 * (sa @ sa)) / 4
+        a = (smoothed @ ca).transpose(1, 2).reshape(ca.shape[0], ca.shape[2], *grid)
+        if grid != finest:
+            planes, _ = _planes(a)
+            target = (1, finest[-1]) if len(finest) == 1 else finest[-2:]
+            up = F.interpolate(planes, size=target, mode="bilinear", align_corners=False)
+            a = _unplanes(up, (a.shape[0], a.shape[1], *finest))
+        a = scfg_smooth(a)
+        dims = tuple(range(2, a.ndim))
+        total_ca = total_ca + a / (a.mean(dim=dims, keepdim=True) + 1e-8)
+        fore = torch.stack([a[:, 0], a[:, 1:].sum(1)], dim=1)
+        total_fore = total_fore + fore / fore.mean(dim=dims, keepdim=True)
+    return total_ca / len(pairs), total_fore / len(pairs)  # type: ignore[return-value]
+
+
+def region_rates(delta: Tensor, regions: Tensor, foreground: Tensor, low: float, high: float, cap: float) -> Tensor:
+    """S-CFG's scale map ``(b, 1, *spatial)`` from ``Δ = c − u`` and the masks (official ``sd.py``).
+
+    ``regions`` ``(b, T, *spatial)`` one-hot (argmax ties kept) and ``foreground`` ``(b, 1, *spatial)`` at the
+    sample's resolution. With ``η = ‖Δ‖`` over channels per position, each non-empty region ``i`` gets
+    ``mean_fg(η) / mean_i(η)``; the map is ``Σ_i rate_i · mask_i`` clamped to ``[low, high]`` and ``<= cap``,
+    then smoothed (:func:`scfg_smooth`).
+    """
+    eta = delta.norm(dim=1, keepdim=True)
+    dims = tuple(range(2, delta.ndim))
+    size = regions.sum(dim=dims)
+    region_eta = (eta * regions).sum(dim=dims) / (size + 1e-8)
+    fore_eta = (eta * foreground).sum(dim=dims) / (foreground.sum(dim=dims) + 1e-8)
+    rate = fore_eta * (size > 0).to(delta.dtype) / (region_eta + 1e-8)
+    rate_map = (rate.reshape(*rate.shape, *([1] * len(dims))) * regions).sum(dim=1, keepdim=True)
+    return scfg_smooth(rate_map.clamp(low, high).clamp_max(cap))

@@ -27,6 +27,7 @@ from .rescale import Rescale
 from .sag import SAG
 from .samg import SAMG
 from .scale_function import ScaleCallable, ScaleFunction
+from .scfg import SCFG
 from .seg import SEG
 from .slg import SLG
 from .stg import STG
@@ -44,6 +45,7 @@ __all__ = [
     "PAG",
     "SAG",
     "SAMG",
+    "SCFG",
     "SEG",
     "SLG",
     "STG",

@@ -3,8 +3,9 @@
 A branch's :class:`~guidekit.branch.AttentionMaps` selects diffusers ``Attention`` modules (self-attention:
 not ``is_cross_attention``; cross-attention: ``is_cross_attention``). A pre-hook computes the module's
 attention probabilities from its own projections the way its processor does (``get_attention_scores``, the
-map diffusers' ``StableDiffusionSAGPipeline`` stores), averaged over heads, ``(b, queries, keys)``; the
-module's forward is untouched and the hooks exist only for that forward.
+map diffusers' ``StableDiffusionSAGPipeline`` stores), averaged over heads, ``(b, queries, keys)``, recorded
+as ``"self:<name>"`` or ``"cross:<name>"``; the module's forward is untouched and the hooks exist only for
+that forward.
 """
 
 from __future__ import annotations
@@ -50,9 +51,14 @@ def attention_map(attn: Attention, hidden_states: Tensor, encoder_hidden_states:
 
 
 def _layers(model: nn.Module, spec: AttentionMaps) -> dict[str, Attention]:
-    cross = spec.which == "cross"
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, Attention) and m.is_cross_attention == cross}
-    return spec.select_named(layers, f"{spec.which}-attention layer", type(model).__name__)
+    kinds = spec.kinds
+    layers = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, Attention) and ("cross" if m.is_cross_attention else "self") in kinds
+    }
+    what = "attention layer" if spec.which == "both" else f"{spec.which}-attention layer"
+    return spec.select_named(layers, what, type(model).__name__)
 
 
 @contextmanager
@@ -66,12 +72,13 @@ def observed(model: nn.Module, specs: Sequence[AttentionMaps]) -> Iterator[dict[
             for name, module in _layers(model, spec).items():
 
                 def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, spec=spec, name=name) -> None:
-                    if name in record[spec]:
+                    entry = f"{'cross' if m.is_cross_attention else 'self'}:{name}"  # type: ignore[union-attr]
+                    if entry in record[spec]:
                         return
                     hidden = args[0] if args else kwargs["hidden_states"]
                     context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
                     with torch.no_grad():
-                        record[spec][name] = attention_map(m, hidden, context)  # type: ignore[arg-type]
+                        record[spec][entry] = attention_map(m, hidden, context)  # type: ignore[arg-type]
 
                 handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         yield record
