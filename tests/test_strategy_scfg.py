@@ -154,3 +154,21 @@ def test_scfg_through_a_diffusers_pipeline():
     assert info.nfe == 6 and torch.isfinite(ours.images).all()
     assert float((ours.images - cfg).abs().max()) > 1e-3 * float(cfg.abs().max())
     assert all(not m._forward_pre_hooks for m in pipe.unet.modules())
+
+
+@pytest.mark.diffusers
+def test_joint_attention_models_are_refused_by_name():
+    """SD3's joint attention has no separate cross-attention (NAG) and its maps mix image and text keys in
+    one softmax (SAG, S-CFG): each is refused before any forward, naming the layers."""
+    pytest.importorskip("diffusers")
+    from guidekit.integrations.diffusers import generate
+    from guidekit.integrations.diffusers.tiny import tiny_pipeline
+
+    pipe, kw = tiny_pipeline("sd3")
+    pipe.set_progress_bar_config(disable=True)
+    common = dict(kw, num_inference_steps=2, output_type="latent")
+    for strategy in (gk.SCFG(3.0), gk.SAG(gk.CFG(3.0), layers=("transformer_blocks.0",))):
+        with pytest.raises(gk.ConfigError, match=r"observe: attention maps of joint-attention layers .*transformer_"):
+            generate(pipe, strategy, **common)
+    with pytest.raises(gk.ConfigError, match=r"'normalized-attention' acts on cross-attention layers .* has none"):
+        generate(pipe, gk.NAG(), **common)

@@ -58,7 +58,14 @@ def _layers(model: nn.Module, spec: AttentionMaps) -> dict[str, Attention]:
         if isinstance(m, Attention) and ("cross" if m.is_cross_attention else "self") in kinds
     }
     what = "attention layer" if spec.which == "both" else f"{spec.which}-attention layer"
-    return spec.select_named(layers, what, type(model).__name__)
+    chosen = spec.select_named(layers, what, type(model).__name__)
+    joint = sorted(n for n, m in chosen.items() if m.added_kv_proj_dim is not None)
+    if joint:
+        raise ConfigError(
+            f"observe: attention maps of joint-attention layers (image and text tokens in one softmax: SD3, Flux, "
+            f"CogVideoX) are not recorded; the selectors {list(spec.layers)} pick {joint[:4]}"
+        )
+    return chosen
 
 
 @contextmanager
