@@ -375,7 +375,7 @@ def test_max_batch_splits_a_plan_into_smaller_forwards_with_the_same_result_and_
     assert den_full.nfe == den_two.nfe == den_one.nfe == 18
     assert (m_full.calls, m_two.calls, m_one.calls) == (6, 12, 18)  # 3 branches: 1, 2 and 3 forwards a step
     assert torch.allclose(full, two, atol=1e-12) and torch.allclose(full, one, atol=1e-12)
-    with pytest.raises(gk.ConfigError, match=r"max_batch: expected at least the batch size \(3 rows"):
+    with pytest.raises(gk.ConfigError, match=r"max_batch: expected at least the rows of one branch \(3 rows"):
         sample_euler(gk.guided(EDMModel(GM.as_model("edm")), gk.CFG(3.0), LABELS, UNCONDS, max_batch=2), x_T(), SIGMAS)
     with pytest.raises(gk.ConfigError, match="max_batch: expected None or an integer >= 1"):
         gk.guided(EDMModel(GM.as_model("edm")), gk.CFG(3.0), LABELS, UNCONDS, max_batch=0)

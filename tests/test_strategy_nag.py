@@ -135,3 +135,16 @@ def test_nag_through_a_diffusers_pipeline():
     assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == before
     with pytest.raises(gk.ConfigError, match=r"layer selector .nowhere. matches no cross-attention layer.*attn2"):
         generate(pipe, gk.NAG(layers=("nowhere",)), **common, latents=latents())
+
+
+def test_max_batch_counts_the_negative_rows_a_nag_branch_carries():
+    model = TinyAttentionNet()
+    x = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(3)) * 3.0
+    sigma, cond, neg = torch.full((2,), 3.0), torch.tensor([0, 1]), torch.tensor([2, 3])
+    info = gk.samplers.StepInfo(0, 1, torch.tensor([3.0, 0.0], dtype=torch.float64))
+    with torch.no_grad():
+        full = gk.guided(gk.samplers.EDMModel(model), gk.NAG(gk.CFG(3.0)), cond, neg)(x, sigma, info)
+        capped = gk.guided(gk.samplers.EDMModel(model), gk.NAG(gk.CFG(3.0)), cond, neg, max_batch=4)
+        assert torch.equal(capped(x, sigma, info), full) and capped.nfe == 3
+        with pytest.raises(gk.ConfigError, match=r"max_batch: expected at least the rows of one branch \(4 rows"):
+            gk.guided(gk.samplers.EDMModel(model), gk.NAG(gk.CFG(3.0)), cond, neg, max_batch=3)(x, sigma, info)

@@ -402,15 +402,21 @@ class Engine:
         return full, {**native, **second}
 
     def _split(self, grouped: list[list[Branch]], batch: int) -> list[list[Branch]]:
-        """Groups cut into forwards of at most ``max_batch`` rows (whole branches of ``batch`` rows each)."""
+        """Groups cut into forwards of at most ``max_batch`` rows (whole branches of ``batch`` rows each, and
+        the rows of the conditions a branch's perturbation carries with it: NAG's branch is ``2 · batch``)."""
         assert self.max_batch is not None
-        per = self.max_batch // batch
-        if per < 1:
-            raise ConfigError(
-                f"max_batch: expected at least the batch size ({batch} rows, one branch per forward), got "
-                f"{self.max_batch}"
-            )
-        return [group[i : i + per] for group in grouped for i in range(0, len(group), per)]
+        out: list[list[Branch]] = []
+        for group in grouped:
+            carried = group[0].perturbation.conditions() if group[0].perturbation is not None else ()
+            width = batch * (1 + len(carried))
+            per = self.max_batch // width
+            if per < 1:
+                raise ConfigError(
+                    f"max_batch: expected at least the rows of one branch ({width} rows, one branch per forward), "
+                    f"got {self.max_batch}"
+                )
+            out.extend(group[i : i + per] for i in range(0, len(group), per))
+        return out
 
     def complete(self, pending: Pending, native: Mapping[str, Tensor]) -> Evaluation:
         """Convert the plan's predictions, combine, commit the state and record (after the forwards)."""
