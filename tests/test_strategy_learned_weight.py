@@ -87,6 +87,20 @@ def test_condition_changes_omega_and_unknown_row_without_condition() -> None:
     torch.testing.assert_close(s.omega(ctx), unknown.double())
 
 
+def test_shared_sigma_fast_path_equals_the_per_row_net() -> None:
+    """A batch sharing its sigmas runs the net once per class row (remembered per (t, s)) and gathers."""
+    net = load_guidance_weights("digits_learned_weight")
+    labels = torch.tensor([3, 10, 0, 9, 3, 3, 7, 1, 2, 5, 4, 6, 8, 10])
+    for _ in range(2):  # computed, then remembered
+        for t, s in ((80.0, 40.0), (0.5, 0.0)):
+            sig_t, sig_s = torch.full((14,), t, dtype=torch.float64), torch.full((14,), s, dtype=torch.float64)
+            torch.testing.assert_close(
+                net.per_sample(labels, sig_s, sig_t), net(labels, sig_s, sig_t), rtol=0, atol=1e-12
+            )
+    mixed = torch.linspace(0.1, 5, 14, dtype=torch.float64)
+    torch.testing.assert_close(net.per_sample(labels, mixed / 2, mixed), net(labels, mixed / 2, mixed))
+
+
 def test_missing_next_sigma_means_zero() -> None:
     s = LearnedWeight("gmm_learned_weight")
     labels = torch.tensor([0, 1])

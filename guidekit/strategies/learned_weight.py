@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ class GuidanceWeightNet(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.constant_(self.out.bias, float(omega_init))
         self.register_buffer("scales", 2.0 ** torch.arange(frequencies, dtype=torch.float32), persistent=False)
+        self._memo: dict[tuple[float, float, str, torch.dtype], Tensor] = {}
 
     def _time(self, sigma: Tensor) -> Tensor:
         cfg_ = self.config
@@ -86,7 +87,7 @@ class GuidanceWeightNet(nn.Module):
         """Embedding rows for ``condition``: class ``k`` -> ``k``; ``None`` or an unconditional label
         (``num_classes``, guidekit's digits ``NULL_CLASS``, or ``-1``, the oracle's) -> ``num_classes``."""
         k = self.num_classes
-        if condition is None:
+        if condition is None or k == 0:  # a condition-free net ignores the condition
             return torch.full((batch,), k, dtype=torch.long, device=device)
         if condition.shape != (batch,) or condition.is_floating_point() or condition.is_complex():
             raise ShapeError(
@@ -94,22 +95,47 @@ class GuidanceWeightNet(nn.Module):
                 f"{tuple(condition.shape)}"
             )
         labels = condition.to(device=device, dtype=torch.long)
-        bad = (labels < -1) | (labels > k)
-        if bool(bad.any()):
+        lo, hi = (int(v) for v in torch.aminmax(labels))
+        if lo < -1 or hi > k:
+            bad = labels[(labels < -1) | (labels > k)]
             raise ConfigError(
-                f"ctx.condition: expected class labels in 0..{k - 1} (or {k} / -1 for none), got {int(labels[bad][0])}"
+                f"ctx.condition: expected class labels in 0..{k - 1} (or {k} / -1 for none), got {int(bad[0])}"
             )
-        return torch.where(labels < 0, torch.full_like(labels, k), labels)
+        return labels.remainder(k + 1) if lo < 0 else labels  # -1 -> k
 
     def forward(self, condition: Tensor | None, sigma_s: Tensor, sigma_t: Tensor) -> Tensor:
         """``ω`` per sample ``(b,)`` for labels ``condition`` ``(b,)`` (or ``None``) and EDM sigmas, in the
         parameters' dtype (float32 while training; float64 once loaded, so a sample's ω does not depend on the
         batch it is in: float32 matrix products round differently for different batch sizes)."""
+        return self.at(self.index(condition, sigma_t.shape[0], sigma_t.device), sigma_s, sigma_t)
+
+    def at(self, rows: Tensor, sigma_s: Tensor, sigma_t: Tensor) -> Tensor:
+        """``ω`` for embedding rows ``rows`` (from :meth:`index`), ``(b,)``."""
         last = (sigma_s <= 0).to(self.out.weight.dtype)[:, None]
         feats = [self._time(sigma_t), self._time(sigma_s), last]
         if self.embed is not None:
-            feats.insert(0, self.embed(self.index(condition, sigma_t.shape[0], sigma_t.device)))
+            feats.insert(0, self.embed(rows))
         return self.out(self.mlp(torch.cat(feats, 1))).squeeze(1)
+
+    def per_sample(self, condition: Tensor | None, sigma_s: Tensor, sigma_t: Tensor) -> Tensor:
+        """:meth:`forward`, with the net run once per embedding row when the batch shares its sigmas (a
+        sampler's batch does): ``num_classes + 1`` rows whatever the batch size, then gathered. The rows of a
+        ``(t, s)`` pair are remembered while the net is frozen (a sampler asks for the same pairs every run)."""
+        b = sigma_t.shape[0]
+        rows = self.index(condition, b, sigma_t.device)
+        if b == 1 or not bool(((sigma_t == sigma_t[0]) & (sigma_s == sigma_s[0])).all()):
+            return self.at(rows, sigma_s, sigma_t)
+        key = (float(sigma_t[0]), float(sigma_s[0]), str(sigma_t.device), self.out.weight.dtype)
+        table = None if self.training else self._memo.get(key)
+        if table is None:
+            every = torch.arange(self.num_classes + 1, device=sigma_t.device)
+            k = every.shape[0]
+            table = self.at(every, sigma_s[:1].expand(k), sigma_t[:1].expand(k))
+            if not self.training and not self.out.weight.requires_grad:
+                if len(self._memo) >= 4096:
+                    self._memo.clear()
+                self._memo[key] = table
+        return table[rows]
 
 
 def _resolve(weights: str) -> Path:
@@ -187,17 +213,14 @@ class LearnedWeight(GuidanceStrategy):
 
     weights: str = SHIPPED
     omega_scale: float = 1.0
+    net: GuidanceWeightNet = field(init=False, repr=False, compare=False)
+    """The ω network, loaded when the strategy is made (a missing or foreign file fails here, not mid-run)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.weights, str) or not self.weights:
             raise ConfigError(f"weights: expected a shipped name or a file path, got {self.weights!r}")
         check_number("omega_scale", self.omega_scale)
-        load_guidance_weights(self.weights)  # a missing or foreign file fails here, not mid-run
-
-    @property
-    def net(self) -> GuidanceWeightNet:
-        """The ω network (loaded once per file)."""
-        return load_guidance_weights(self.weights)
+        object.__setattr__(self, "net", load_guidance_weights(self.weights))
 
     def omega(self, ctx: GuidanceContext) -> Tensor:
         """``ω`` per sample ``(b,)`` float64 at this evaluation."""
@@ -207,7 +230,7 @@ class LearnedWeight(GuidanceStrategy):
             net = self.net
             if sigma.device.type != "cpu":
                 net = _on_device(net, sigma.device)
-            omega = net(ctx.condition, nxt.to(sigma.device), sigma).to(torch.float64)
+            omega = net.per_sample(ctx.condition, nxt.to(sigma.device), sigma).to(torch.float64)
         return omega if self.omega_scale == 1.0 else omega * self.omega_scale
 
     def combine(self, pred_cond: Tensor, pred_uncond: Tensor, ctx: GuidanceContext) -> Tensor:

@@ -1,0 +1,102 @@
+"""Learned guidance weights on the digits model against the CFG frontier (as bench_quality.py measures).
+
+    python benchmarks/bench_learned_weight.py                                  # 1000 samples x 3 seeds
+    python benchmarks/bench_learned_weight.py --per-class 30 --out /tmp/lw     # the reduced run in docs/results.md
+
+CFG traces the frontier of (class accuracy, FD to the test digits) over its scales; the shipped learned ω
+(``learned-weight``, as trained and at twice its strength) and the reward-tilted ω are sampled from the
+same noise per seed and reported as their *paired excess FD*: FD minus the CFG frontier's FD at the same
+accuracy (and at the same mean p(y|x)), per seed, then mean ± sd over seeds. Negative is better than CFG.
+DDIM, 30 trailing steps. Writes ``learned_weight.json`` and ``learned_weight.md`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import guidekit as gk
+from guidekit.metrics import excess_over_frontier
+from guidekit.zoo.compare import DigitsBench, Settings
+from guidekit.zoo.report import Entry, run_comparison
+
+CFG_SCALES = (0.8, 0.9, 1.0, 1.1, 1.2, 1.5)
+
+
+def entries() -> list[Entry]:
+    out = [Entry("cfg", f"w={s:g}", gk.CFG(s)) for s in CFG_SCALES]
+    out += [Entry("learned-weight", f"ω×{k:g}", gk.LearnedWeight(omega_scale=k)) for k in (1.0, 2.0)]
+    out.append(Entry("learned-weight reward", "ω×1", gk.LearnedWeight("digits_learned_weight_reward")))
+    return out
+
+
+def paired(rows: list[dict], seeds: list[int], fidelity: str) -> dict[int, list[float]]:
+    out: dict[int, list[float]] = {}
+    for seed in seeds:
+        cfg = sorted((r for r in rows if r["seed"] == seed and r["family"] == "cfg"), key=lambda r: r["index"])
+        xs, ys = [r[fidelity] for r in cfg], [r["fd_test"] for r in cfg]
+        for r in rows:
+            if r["seed"] == seed:
+                out.setdefault(r["index"], []).append(excess_over_frontier(r[fidelity], r["fd_test"], xs, ys))
+    return out
+
+
+def cell(values: list[float]) -> str:
+    if any(math.isnan(v) for v in values):
+        return "outside"
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.fmean(values):+.2f} ± {sd:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--per-class", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    settings = Settings(sampler="ddim", steps=args.steps, per_class=args.per_class, schedule="trailing")
+    start = time.perf_counter()
+    comparison = run_comparison(DigitsBench(), entries(), settings, args.seeds)
+    seconds = time.perf_counter() - start
+    rows = comparison.rows
+    ex_acc, ex_py = paired(rows, args.seeds, "acc"), paired(rows, args.seeds, "p_y")
+    lines = [
+        f"{args.per_class * 10} samples x {len(args.seeds)} seeds, DDIM {args.steps} trailing steps, "
+        f"{seconds / 60:.1f} min",
+        "",
+        "| strategy | setting | acc | p(y\\|x) | FD test | excess FD @ acc | excess FD @ p(y\\|x) "
+        "| precision | recall |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, entry in enumerate(comparison.entries):
+        mine = [r for r in rows if r["index"] == i]
+
+        def m(key: str, mine: list[dict] = mine) -> float:
+            return statistics.fmean(r[key] for r in mine)
+
+        cfg = entry.family == "cfg"
+        lines.append(
+            f"| {entry.family} | {entry.strength} | {m('acc'):.3f} | {m('p_y'):.3f} | {m('fd_test'):.2f} "
+            f"| {'—' if cfg else cell(ex_acc[i])} | {'—' if cfg else cell(ex_py[i])} "
+            f"| {m('precision'):.3f} | {m('recall'):.3f} |"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    keep = ("index", "family", "strength", "seed", "acc", "p_y", "fd_test", "precision", "recall", "nfe", "seconds")
+    (out / "learned_weight.json").write_text(
+        json.dumps({"seconds": seconds, "rows": [{k: r[k] for k in keep if k in r} for r in rows]}, indent=1)
+    )
+    (out / "learned_weight.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
