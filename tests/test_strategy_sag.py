@@ -156,3 +156,15 @@ def test_sag_equals_the_diffusers_sag_pipeline(w, nfe):
     assert float((plain - theirs).abs().max()) > 1e-2 * scale
     assert info.nfe == nfe
     assert all(not m._forward_pre_hooks for m in pipe.unet.modules())
+
+
+def test_a_distributed_backend_refuses_observers_on_several_ranks():
+    """Attention maps are not gathered across ranks: SAG/S-CFG on several ranks are refused, not silently CFG."""
+    from guidekit.distributed import DistributedBackend
+    from guidekit.engine import NativeBackend
+
+    backend = object.__new__(DistributedBackend)  # the guard alone (a real one needs a process group)
+    backend.inner, backend.world = NativeBackend({"main": gk.samplers.EDMModel(TinyAttentionNet())}), 2
+    backend.check_branch(gk.UNCOND)
+    with pytest.raises(gk.ConfigError, match=r"attention maps .* are not gathered across ranks"):
+        backend.check_branch(gk.Branch("uncond", condition="uncond", observe=gk.AttentionMaps(("mid",))))

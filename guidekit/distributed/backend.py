@@ -78,6 +78,12 @@ class DistributedBackend(Backend):
 
     def check_branch(self, branch: Branch) -> None:
         self.inner.check_branch(branch)
+        if branch.observe is not None and self.world > 1:
+            raise ConfigError(
+                f"branches: attention maps (branch {branch.name!r} observes {list(branch.observe.layers)}) are "
+                f"not gathered across ranks; expected a strategy without observers (SAG, S-CFG) on "
+                f"{self.world} ranks, or one rank"
+            )
 
     def forward(
         self, x: Tensor, sigma: Tensor, branches: Sequence[Branch], conditions: Mapping[str, Any]
