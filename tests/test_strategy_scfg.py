@@ -172,3 +172,19 @@ def test_joint_attention_models_are_refused_by_name():
             generate(pipe, strategy, **common)
     with pytest.raises(gk.ConfigError, match=r"'normalized-attention' acts on cross-attention layers .* has none"):
         generate(pipe, gk.NAG(), **common)
+
+
+@pytest.mark.diffusers
+def test_the_modular_guider_refuses_observers_by_name():
+    """A modular pipeline's forwards record no attention maps: S-CFG is refused, not silently CFG."""
+    pytest.importorskip("diffusers")
+    from diffusers import EulerDiscreteScheduler
+
+    from guidekit.integrations.diffusers import GuidekitGuider
+
+    scheduler = EulerDiscreteScheduler()
+    scheduler.set_timesteps(4)
+    guider = GuidekitGuider(gk.SCFG(4.0), scheduler=scheduler)
+    guider.set_state(0, 4, scheduler.timesteps[0])
+    with pytest.raises(gk.ConfigError, match=r"modular guider runs batches .* without attention maps"):
+        guider.prepare_inputs({"prompt_embeds": (torch.zeros(1), torch.ones(1))})

@@ -287,11 +287,12 @@ class GuiderBackend(Backend):
             branch.model != "main"
             or branch.condition not in _TUPLE_INDEX
             or (perturbation is not None and (perturbation.kind not in KINDS or perturbation.conditions()))
+            or branch.observe is not None  # the pipeline's forwards record no attention maps (S-CFG, SAG)
         ):
             raise ConfigError(
                 "strategy: a modular guider runs batches of the pipeline's cond and uncond inputs, each on its own, "
                 f"perturbed with {sorted(k for k in KINDS if k != 'normalized-attention')} or not; got branch "
-                f"{branch!r} (use guidekit.sample or guidekit.integrations.diffusers.generate)"
+                f"{branch!r}, without attention maps (use guidekit.sample or guidekit.integrations.diffusers.generate)"
             )
 
     def forward(
