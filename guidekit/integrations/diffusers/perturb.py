@@ -23,7 +23,7 @@ from ...engine.perturb import swapped
 from ...errors import ConfigError
 from ...ops.attention import blur_queries, normalized_attention
 from ...perturbations import BlurredQueries, IdentitySelfAttention, NormalizedAttention, SkipBlocks
-from .processors import IdentityAttnProcessor, identity_processor
+from .processors import IdentityAttnProcessor, identity_processor, unet_tokens
 
 __all__ = ["KINDS", "IdentityAttnProcessor", "NormalizedAttnProcessor", "applied", "self_attention_layers"]
 
@@ -114,15 +114,7 @@ class NormalizedAttnProcessor:
     ) -> Tensor:
         if encoder_hidden_states is None:
             raise ConfigError("perturbation: 'normalized-attention' needs a cross-attention call, got no context")
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        hidden_states, finish = unet_tokens(attn, hidden_states, temb)
         b = hidden_states.shape[0]
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], b)
@@ -147,12 +139,7 @@ class NormalizedAttnProcessor:
         z = normalized_attention(attend(pos), attend(neg), nag.scale, nag.tau, nag.alpha)
         out = torch.empty(b, *z.shape[1:], dtype=z.dtype, device=z.device)
         out[pos], out[neg] = z, z
-        hidden_states = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return finish(attn.to_out[1](attn.to_out[0](out)))
 
 
 @contextmanager

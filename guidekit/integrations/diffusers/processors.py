@@ -21,6 +21,7 @@ otherwise. The processors run on the whole batch they are given (the engine grou
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ __all__ = [
     "WanIdentityAttnProcessor",
     "identity_processor",
     "joint_identity_mask",
+    "unet_tokens",
 ]
 
 
@@ -69,6 +71,31 @@ def _norm(norm: nn.Module | None, x: Tensor) -> Tensor:
     return x if norm is None else norm(x)
 
 
+def unet_tokens(
+    attn: Attention, hidden_states: Tensor, temb: Tensor | None
+) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """What every U-net ``Attention`` processor does around its attention (diffusers' ``AttnProcessor2_0``):
+    ``hidden_states`` as ``(b, n, c)`` tokens (spatial norm, 4D -> tokens, group norm), and the function
+    that finishes the attention output (tokens -> 4D, the residual connection, the output rescale)."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    shape = hidden_states.shape
+    if hidden_states.ndim == 4:
+        hidden_states = hidden_states.flatten(2).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+    def finish(out: Tensor) -> Tensor:
+        if len(shape) == 4:
+            out = out.transpose(-1, -2).reshape(shape)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    return hidden_states, finish
+
+
 class IdentityAttnProcessor:
     """Self-attention with the identity map: ``to_out(to_v(h))`` (diffusers' PAG perturbed path, whole batch)."""
 
@@ -81,22 +108,8 @@ class IdentityAttnProcessor:
         temb: Tensor | None = None,
         **kwargs: Any,
     ) -> Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        dtype = hidden_states.dtype
-        hidden_states = attn.to_out[1](attn.to_out[0](attn.to_v(hidden_states).to(dtype)))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        tokens, finish = unet_tokens(attn, hidden_states, temb)
+        return finish(attn.to_out[1](attn.to_out[0](attn.to_v(tokens).to(tokens.dtype))))
 
 
 class JointIdentityAttnProcessor:
