@@ -35,7 +35,7 @@ def test_the_observer_records_the_modules_own_weights_and_changes_nothing(dtype)
     hooks_during: list[int] = []
 
     def probe(m, args, out):
-        hooks_during.append(len(m._forward_hooks))
+        hooks_during.append(len(m._forward_pre_hooks))
         n = args[0]
         seen.append(type(m).forward(m, n, n, n, need_weights=True)[1])  # the module's own map (heads averaged)
 
@@ -48,13 +48,13 @@ def test_the_observer_records_the_modules_own_weights_and_changes_nothing(dtype)
         plain = backend.forward(x, sigma, [gk.COND], {"cond": cond})
         watched = backend.forward(x, sigma, [gk.Branch("cond", observe=observe)], {"cond": cond})
     handle.remove()
-    assert hooks_during[0] == 1 and hooks_during[1] == 2  # the probe alone, then the probe and the observer
+    assert hooks_during == [0, 1]  # no pre-hook on the plain forward, the observer's on the observed one
     assert torch.equal(plain["cond"], watched["cond"])
     amap = watched[gk.branch.observation_key("cond", "self:mid.self_attn")]
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     assert amap.shape == (2, 64, 64) and torch.allclose(amap, seen[1], atol=tol)
-    assert len(attn._forward_hooks) == 0
-    with pytest.raises(gk.ConfigError, match=r"observe: layer selector 'nowhere' matches no attention"):
+    assert len(attn._forward_pre_hooks) == 0
+    with pytest.raises(gk.ConfigError, match=r"observe: layer selector 'nowhere' matches no self-attention layer \(nn"):
         backend.forward(x, sigma, [gk.Branch("cond", observe=gk.AttentionMaps(("nowhere",)))], {"cond": cond})
 
 
@@ -94,7 +94,7 @@ def test_native_sag_equals_the_rule_by_hand(dtype):
     tol = 1e-5 if dtype == torch.float32 else 1e-11
     assert ours.dtype == dtype and torch.allclose(ours, ref, atol=tol), float((ours - ref).abs().max())
     assert den.nfe == 3 and den.forwards == 2  # [cond; uncond] observed, then the degraded uncond forward
-    assert len(attn._forward_hooks) == 0
+    assert len(attn._forward_pre_hooks) == 0
 
 
 def test_native_sag_scale_zero_nfe_and_combinators():
@@ -168,3 +168,47 @@ def test_a_distributed_backend_refuses_observers_on_several_ranks():
     backend.check_branch(gk.UNCOND)
     with pytest.raises(gk.ConfigError, match=r"attention maps .* are not gathered across ranks"):
         backend.check_branch(gk.Branch("uncond", condition="uncond", observe=gk.AttentionMaps(("mid",))))
+
+
+@pytest.mark.diffusers
+def test_the_native_backend_observes_diffusers_attention_modules():
+    """A native model built from diffusers' ``Attention`` (registered with the observer when
+    ``guidekit.integrations.diffusers`` is imported): SAG reads its map, equal to the layer's own softmax."""
+    pytest.importorskip("diffusers")
+    from diffusers.models.attention_processor import Attention
+    from torch import nn
+
+    import guidekit.integrations.diffusers  # noqa: F401  (registers diffusers' Attention)
+    from guidekit.engine import NativeBackend
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.inp, self.out = nn.Conv2d(2, 16, 3, padding=1), nn.Conv2d(16, 2, 3, padding=1)
+            self.label = nn.Embedding(NULL + 1, 16)
+            self.mid = nn.Module()
+            self.mid.attn1 = Attention(16, heads=2, dim_head=8)
+
+        def forward(self, x, sigma, labels):
+            s = sigma.reshape(-1, 1, 1, 1)
+            h = self.inp(x / (s**2 + 1).sqrt()) + self.label(labels)[..., None, None]
+            t = h.flatten(2).transpose(1, 2)
+            t = t + self.mid.attn1(t)
+            return x / (s**2 + 1) + s / (s**2 + 1).sqrt() * self.out(t.transpose(1, 2).reshape(h.shape))
+
+    model = Net()
+    x, sigma, cond, uncond = _inputs()
+    backend = NativeBackend({"main": gk.samplers.EDMModel(model)})
+    with torch.no_grad():
+        out = backend.forward(x, sigma, [gk.Branch("cond", observe=gk.AttentionMaps(("mid",)))], {"cond": cond})
+        amap = out[gk.branch.observation_key("cond", "self:mid.attn1")]
+        t = model.inp(x / (sigma.reshape(-1, 1, 1, 1) ** 2 + 1).sqrt()) + model.label(cond)[..., None, None]
+        t = t.flatten(2).transpose(1, 2)
+        attn = model.mid.attn1
+        q, k = (f(t).view(2, -1, 2, 8).transpose(1, 2) for f in (attn.to_q, attn.to_k))
+        ref = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1).mean(1)
+        assert torch.allclose(amap, ref, atol=1e-6)
+        sag = gk.guided(gk.samplers.EDMModel(model), gk.SAG(gk.CFG(3.0)), cond, uncond)
+        cfg = gk.guided(gk.samplers.EDMModel(model), gk.CFG(3.0), cond, uncond)
+        assert not torch.allclose(sag(x, sigma, INFO), cfg(x, sigma, INFO), atol=1e-5) and sag.nfe == 3

@@ -97,7 +97,7 @@ def test_native_scfg_equals_the_official_code_by_hand(dtype):
     assert den.nfe == 2 and den.forwards == 1  # the maps come from the [cond; uncond] forward itself
     record = den.records[0]
     assert record.scale_min is not None and 0.8 * w - 1e-4 <= record.scale_min <= record.scale_max <= 15.0 + 1e-4
-    assert not model.mid.self_attn._forward_hooks and not model.up1.cross_attn._forward_hooks
+    assert not model.mid.self_attn._forward_pre_hooks and not model.up1.cross_attn._forward_pre_hooks
 
 
 def test_rate_bounds_single_region_and_equal_inputs():
