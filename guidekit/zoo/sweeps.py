@@ -85,6 +85,8 @@ def _generic(name: str, cls: type) -> Sweep | str:
         return "needs a loss on x0 (guidekit.losses: a measurement or a classifier), which the demo cannot choose"
     if cls().perturbations():
         return "perturbs the network (a perturbed forward), which the digits model's backend does not apply yet"
+    if cls().observers():
+        return "reads attention maps (SAG, S-CFG), which the digits model (a UNet without attention) has none of"
     if has_scale and not inner:
         return Sweep(name, "scale", DEFAULT_STRENGTHS, lambda s: cls(scale=s))
     if inner:
