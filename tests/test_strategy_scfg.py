@@ -188,3 +188,23 @@ def test_the_modular_guider_refuses_observers_by_name():
     guider.set_state(0, 4, scheduler.timesteps[0])
     with pytest.raises(gk.ConfigError, match=r"modular guider runs batches .* without attention maps"):
         guider.prepare_inputs({"prompt_embeds": (torch.zeros(1), torch.ones(1))})
+
+
+def test_a_backend_that_records_no_maps_is_refused_not_silently_cfg():
+    """The engine holds every backend to the observers a plan asks for (a backend that ignores ``observe``, such
+    as one written before the observer existed, would otherwise turn S-CFG into CFG without a word)."""
+    from guidekit.engine import Backend, Engine, Position
+
+    class Plain(Backend):
+        def models(self):
+            return frozenset({"main"})
+
+        def prediction(self, model):
+            return "eps"
+
+        def forward(self, x, sigma, branches, conditions):
+            return {b.name: x * 0.5 for b in branches}
+
+    engine = Engine(gk.SCFG(4.0), Plain(), {})
+    with pytest.raises(gk.ConfigError, match=r"backend: expected the attention maps branches \['cond', 'uncond'\]"):
+        engine.evaluate(torch.ones(1, 2, 4, 4), torch.ones(1), Position(0, 1))

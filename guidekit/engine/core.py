@@ -423,8 +423,14 @@ class Engine:
         ctx, plan, state, x, sigma, xs = pending
         if self._plan_facts(plan).observes:
             native, maps = split_observations(native)
-            if maps:
-                ctx = ctx.replace(attention=maps)
+            unseen = [b.name for b in plan if b.observe is not None and b.name not in maps]
+            if unseen:
+                raise ConfigError(
+                    f"backend: expected the attention maps branches {unseen} observe, got none from "
+                    f"{type(self.backend).__name__} (it does not record attention maps; use guidekit.sample or "
+                    "generate)"
+                )
+            ctx = ctx.replace(attention=maps)
         missing = [b.name for b in plan if b.name not in native]
         if missing:
             raise ConfigError(f"predictions: expected one for every branch of the plan, missing {missing}")
