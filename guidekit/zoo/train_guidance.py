@@ -387,9 +387,14 @@ def train_guidance(
 
 # -- evaluation on the oracle ---------------------------------------------------------------------------
 def gmm_distance(
-    testbed: GMMTestbed, strategy: GuidanceStrategy, steps: int = 10, per_class: int = 500, seed: int = 0
+    testbed: GMMTestbed,
+    strategy: GuidanceStrategy,
+    steps: int = 10,
+    per_class: int = 500,
+    seed: int = 0,
+    sampler: str = "ddim",
 ) -> float:
-    """Mean per-class energy distance of ``strategy``'s samples (DDIM, ``steps``) to exact class samples."""
+    """Mean per-class energy distance of ``strategy``'s samples (``sampler``, ``steps``) to exact class samples."""
     k = testbed.num_classes
     labels = torch.arange(k).repeat_interleave(per_class)
     gen = torch.Generator().manual_seed(seed)
@@ -398,7 +403,7 @@ def gmm_distance(
         x = sample(
             testbed.native_model(),
             noise,
-            sampler="ddim",
+            sampler=sampler,
             steps=steps,
             strategy=strategy,
             cond=labels,
@@ -411,10 +416,15 @@ def gmm_distance(
 
 
 def best_constant(
-    testbed: GMMTestbed, scales: Sequence[float], steps: int = 10, per_class: int = 500, seed: int = 0
+    testbed: GMMTestbed,
+    scales: Sequence[float],
+    steps: int = 10,
+    per_class: int = 500,
+    seed: int = 0,
+    sampler: str = "ddim",
 ) -> tuple[float, float]:
     """The CFG scale of ``scales`` with the smallest :func:`gmm_distance`, and that distance."""
-    found = [(gmm_distance(testbed, CFG(s), steps, per_class, seed), s) for s in scales]
+    found = [(gmm_distance(testbed, CFG(s), steps, per_class, seed, sampler), s) for s in scales]
     dist, scale = min(found)
     return scale, dist
 
