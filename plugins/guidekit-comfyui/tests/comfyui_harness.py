@@ -229,6 +229,8 @@ def why_not(name: str) -> str | None:
         return "sampler-coupled"  # re-noises inside the sampler update (CFG++, DPS)
     if strategy.models() != frozenset({"main"}):
         return "weak"  # AutoGuidance without its second model (test_autoguidance_with_a_weak_model_... runs it)
+    if strategy.observers():
+        return "attention maps"  # SAG, S-CFG: ComfyUI's forwards record none
     if strategy.perturbations():
         return "perturbation"  # layer selectors in ComfyUI's names: test_comfyui_perturbations runs these
     return None

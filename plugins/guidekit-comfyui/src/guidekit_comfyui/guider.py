@@ -157,6 +157,11 @@ class ComfyBranches(Backend):
                 f"{branch.model}_model: expected a model for branch {branch.name!r}, since the strategy evaluates "
                 f"it; {self.who} got {sorted(self.models())}{hint}"
             )
+        if branch.observe is not None:  # ComfyUI's forwards record no attention maps (SAG, S-CFG)
+            raise ConfigError(
+                f"strategy: {self.who} record no attention maps, got branch {branch.name!r} observing "
+                f"{list(branch.observe.layers)} (SAG, S-CFG: use guidekit.sample or generate)"
+            )
         if branch.condition not in _COMFY_CONDS or not self.supports(branch.perturbation):
             kind = "none" if branch.perturbation is None else branch.perturbation.kind
             applies = sorted(self.perturbations - {NoPerturbation.kind}) or "no perturbations"
