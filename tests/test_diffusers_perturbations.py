@@ -238,3 +238,59 @@ def test_the_modular_guider_refuses_nag_by_name():
     guider.set_state(0, 4, scheduler.timesteps[0])
     with pytest.raises(gk.ConfigError, match="modular guider runs batches"):
         guider.prepare_inputs({"prompt_embeds": (torch.zeros(1), torch.ones(1))})
+
+
+class _DiffusersBuilt(torch.nn.Module):
+    """A native ``model(x, sigma, labels)`` built from diffusers' ``Attention`` (no pipeline)."""
+
+    def __init__(self) -> None:
+        from diffusers.models.attention_processor import Attention
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.out = torch.nn.Conv2d(2, 16, 3, padding=1), torch.nn.Conv2d(16, 2, 3, padding=1)
+        self.label = torch.nn.Embedding(11, 16)
+        self.mid = torch.nn.Module()
+        self.mid.attn1 = Attention(16, heads=2, dim_head=8)
+
+    def tokens(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x / (sigma.reshape(-1, 1, 1, 1) ** 2 + 1).sqrt()) + self.label(labels)[..., None, None]
+        return h.flatten(2).transpose(1, 2)
+
+    def finish(self, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s = sigma.reshape(-1, 1, 1, 1)
+        return x / (s**2 + 1) + s / (s**2 + 1).sqrt() * self.out(
+            t.transpose(1, 2).reshape(x.shape[0], 16, *x.shape[2:])
+        )
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        t = self.tokens(x, sigma, labels)
+        return self.finish(x, sigma, t + self.mid.attn1(t))
+
+
+def test_the_native_backend_perturbs_diffusers_attention_modules():
+    """A native model built from diffusers blocks is perturbed through diffusers' family (registered on import):
+    PAG's branch equals the model with that attention's output ``to_out(to_v(h))``, and the processor is back."""
+    from guidekit.engine import NativeBackend
+    from guidekit.perturbations import IdentitySelfAttention
+
+    model = _DiffusersBuilt()
+    gen = torch.Generator().manual_seed(1)
+    x, sigma, labels = torch.randn(2, 2, 4, 4, generator=gen), torch.tensor([2.0, 0.5]), torch.tensor([3, 7])
+    processor = model.mid.attn1.processor
+    backend = NativeBackend({"main": gk.samplers.EDMModel(model)})
+    branch = gk.Branch("perturbed", perturbation=IdentitySelfAttention(("mid",)))
+    with torch.no_grad():
+        perturbed = backend.forward(x, sigma, [branch], {"cond": labels})["perturbed"]
+        t = model.tokens(x, sigma, labels)
+        expected = model.finish(x, sigma, t + model.mid.attn1.to_out[0](model.mid.attn1.to_v(t)))
+        plain = model(x, sigma, labels)
+    assert torch.allclose(perturbed, expected, atol=1e-6)
+    assert not torch.allclose(perturbed, plain, atol=1e-4)
+    assert model.mid.attn1.processor is processor  # put back
+    denoiser = gk.guided(
+        gk.samplers.EDMModel(model), gk.PAG(gk.CFG(3.0), 2.0, ("mid",)), labels, torch.tensor([10, 10])
+    )
+    with torch.no_grad():
+        denoiser(x, sigma, gk.samplers.StepInfo(0, 1, torch.tensor([2.0, 0.0], dtype=torch.float64)))
+    assert denoiser.nfe == 3

@@ -157,7 +157,7 @@ class NativeBackend(Backend):
             for _ in range(k):
                 both = concat_cond(both, cond, name)
         n = k * (1 + len(extra))
-        with applied(model.model, branches[0].perturbation, rows=k * b):
+        with applied(model.model, branches[0].perturbation, rows=(slice(0, k * b), slice(k * b, n * b))):
             pred = model.predict(torch.cat([x] * n), torch.cat([sigma] * n), both, **kw)
         return dict(zip((br.name for br in branches), pred[: k * b].split(b), strict=True))
 

@@ -1,4 +1,7 @@
-"""Perturbations on native PyTorch models: the selected modules' forwards replaced for one forward, and back.
+"""Perturbations on PyTorch models: the selected modules changed for one forward, and back.
+
+One :func:`applied` for every backend; what a model's modules can take is a table of :class:`Perturber` by
+model family (:func:`register`). The built-in family, for any ``nn.Module``:
 
 * :class:`~guidekit.perturbations.IdentitySelfAttention` on ``torch.nn.MultiheadAttention`` modules used as
   self-attention: the output becomes ``out_proj(v_proj(value))`` (each token attends to itself).
@@ -13,12 +16,16 @@
 
 Selectors follow :mod:`guidekit.perturbations`: regular expressions searched among the attention modules'
 names, whole names or dotted suffixes for blocks. A selector that matches nothing names what there is.
+:mod:`guidekit.integrations.diffusers` registers diffusers' family (``Attention`` processors, transformer
+blocks) when imported: a model holding diffusers attention modules, in a pipeline or in the native backend,
+is perturbed through it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,12 +37,44 @@ from ..errors import ConfigError
 from ..ops.attention import blur_queries, normalized_attention
 from ..perturbations import BlurredQueries, IdentitySelfAttention, NormalizedAttention, SkipBlocks
 
-__all__ = ["KINDS", "applied", "swapped"]
+__all__ = ["KINDS", "PERTURBERS", "Change", "Perturber", "Rows", "applied", "register", "swapped"]
 
 KINDS = frozenset({IdentitySelfAttention.kind, SkipBlocks.kind, BlurredQueries.kind, NormalizedAttention.kind})
-"""The perturbation kinds the native backend applies."""
+"""The perturbation kinds every model family applies (the backends' ``perturbations``)."""
 
 _UNSET: Any = object()
+
+Rows = tuple[slice, slice] | None
+"""``(branch rows, carried rows)`` of a forward's batch, for a perturbation that carries a condition of its
+own (NAG: the rows of its negative context), else ``None``."""
+
+Change = tuple[Any, str, Any]
+"""``(object, attribute, value)``: set for the forward, put back after it (:func:`swapped`)."""
+
+
+@dataclass(frozen=True)
+class Perturber:
+    """How the models of one family take perturbations.
+
+    Attributes:
+        what: the family's modules, for error messages (``"nn.MultiheadAttention"``).
+        owns: ``model -> bool``, whether a model is of this family (it holds such modules).
+        changes: ``(model, perturbation, rows) -> [Change]``, what applying ``perturbation`` changes; it
+            refuses, naming what there is, a selector that matches nothing.
+    """
+
+    what: str
+    owns: Callable[[nn.Module], bool]
+    changes: Callable[[nn.Module, Perturbation, Rows], list[Change]]
+
+
+PERTURBERS: list[Perturber] = []
+"""The registered families, the most specific first (the built-in one, for any module, is last)."""
+
+
+def register(perturber: Perturber) -> None:
+    """Perturb the models ``perturber`` owns with it (ahead of the families registered before it)."""
+    PERTURBERS.insert(0, perturber)
 
 
 def _identity_attention(module: nn.MultiheadAttention) -> Callable[..., tuple[Tensor, None]]:
@@ -74,8 +113,11 @@ def _mha_heads(module: nn.MultiheadAttention, query: Tensor, key: Tensor, value:
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, e)
 
 
-def _normalized(module: nn.MultiheadAttention, nag: NormalizedAttention, rows: int) -> Callable[..., Any]:
+def _normalized(module: nn.MultiheadAttention, nag: NormalizedAttention, rows: Rows) -> Callable[..., Any]:
     original = module.forward
+    if rows is None:
+        raise ConfigError("rows: expected the branch and negative rows of the 'normalized-attention' forward")
+    pos, neg = rows
 
     def forward(query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:
         if key is query:  # self-attention: NAG acts on cross-attention only
@@ -87,16 +129,16 @@ def _normalized(module: nn.MultiheadAttention, nag: NormalizedAttention, rows: i
                 "without attention masks, bias_k/bias_v or add_zero_attn, got one with them"
             )
         q, k, v = (t if module.batch_first else t.transpose(0, 1) for t in (query, key, value))
-        if q.shape[0] != 2 * rows:
+        if q.shape[0] != neg.stop:
             raise ConfigError(
                 f"perturbation: expected the 'normalized-attention' forward's batch [branch rows; negative rows] "
-                f"of {2 * rows} rows at this layer, got {q.shape[0]}"
+                f"of {neg.stop} rows at this layer, got {q.shape[0]}"
             )
-        pos, neg = slice(0, rows), slice(rows, 2 * rows)
         z_pos = _mha_heads(module, q[pos], k[pos], v[pos])
         z_neg = _mha_heads(module, q[pos], k[neg], v[neg])
-        out = module.out_proj(normalized_attention(z_pos, z_neg, nag.scale, nag.tau, nag.alpha))
-        out = torch.cat([out, out])
+        z = module.out_proj(normalized_attention(z_pos, z_neg, nag.scale, nag.tau, nag.alpha))
+        out = torch.empty(q.shape[0], *z.shape[1:], dtype=z.dtype, device=z.device)
+        out[pos], out[neg] = z, z
         return (out if module.batch_first else out.transpose(0, 1)), None
 
     return forward
@@ -117,26 +159,10 @@ def _select(model: nn.Module, perturbation: Perturbation) -> list[nn.Module]:
     return perturbation.select(layers, "module", type(model).__name__)
 
 
-@contextmanager
-def applied(model: Any, perturbation: Perturbation | None, rows: int = 0) -> Iterator[None]:
-    """``model`` (an ``nn.Module``) with ``perturbation`` applied inside the block, restored after.
-
-    ``rows``: the branch rows of the batch, for a perturbation that carries conditions of its own
-    (:meth:`~guidekit.branch.Perturbation.conditions`), whose rows follow them.
-    """
-    if perturbation is None:
-        yield
-        return
-    if perturbation.kind not in KINDS:
-        raise ConfigError(f"perturbation: the native backend applies {sorted(KINDS)}, got {perturbation.kind!r}")
-    if not isinstance(model, nn.Module):
-        raise ConfigError(
-            f"model: expected a torch.nn.Module to apply the {perturbation.kind!r} perturbation to, got "
-            f"{type(model).__name__}"
-        )
+def _mha_changes(model: nn.Module, perturbation: Perturbation, rows: Rows) -> list[Change]:
+    """The built-in family: ``nn.MultiheadAttention`` for the attention kinds, any module for skipped blocks."""
     modules = _select(model, perturbation)
     if isinstance(perturbation, NormalizedAttention):
-        nag = perturbation
         if not perturbation.layers:
             modules = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
             if not modules:
@@ -144,17 +170,36 @@ def applied(model: Any, perturbation: Perturbation | None, rows: int = 0) -> Ite
                     f"perturbation: 'normalized-attention' acts on nn.MultiheadAttention cross-attention layers; "
                     f"{type(model).__name__} has none"
                 )
+        return [(m, "forward", _normalized(m, perturbation, rows)) for m in modules]  # type: ignore[arg-type]
+    if isinstance(perturbation, BlurredQueries):
+        return [(m, "forward", _blurred_query(m, perturbation.sigma)) for m in modules]  # type: ignore[arg-type]
+    make = _identity_attention if isinstance(perturbation, IdentitySelfAttention) else _skip
+    return [(m, "forward", make(m)) for m in modules]  # type: ignore[arg-type]
 
-        def make(m: nn.Module) -> Callable[..., Any]:
-            return _normalized(m, nag, rows)  # type: ignore[arg-type]
-    elif isinstance(perturbation, BlurredQueries):
-        sigma = perturbation.sigma
 
-        def make(m: nn.Module) -> Callable[..., Any]:
-            return _blurred_query(m, sigma)  # type: ignore[arg-type]
-    else:
-        make = _identity_attention if isinstance(perturbation, IdentitySelfAttention) else _skip  # type: ignore[assignment]
-    with swapped([(m, "forward", make(m)) for m in modules]):
+PERTURBERS.append(Perturber("nn.MultiheadAttention", owns=lambda model: True, changes=_mha_changes))
+
+
+@contextmanager
+def applied(model: Any, perturbation: Perturbation | None, rows: Rows = None) -> Iterator[None]:
+    """``model`` (an ``nn.Module``) with ``perturbation`` applied inside the block, restored after, through
+    the first registered family that owns it (:data:`PERTURBERS`).
+
+    ``rows``: ``(branch rows, carried rows)`` of the batch, for a perturbation that carries conditions of
+    its own (:meth:`~guidekit.branch.Perturbation.conditions`).
+    """
+    if perturbation is None:
+        yield
+        return
+    if perturbation.kind not in KINDS:
+        raise ConfigError(f"perturbation: the backends apply {sorted(KINDS)}, got {perturbation.kind!r}")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model: expected a torch.nn.Module to apply the {perturbation.kind!r} perturbation to, got "
+            f"{type(model).__name__}"
+        )
+    perturber = next(p for p in PERTURBERS if p.owns(model))
+    with swapped(perturber.changes(model, perturbation, rows)):
         yield
 
 

@@ -33,6 +33,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("guidekit.integrations.diffusers needs diffusers: pip install 'guidekit[diffusers]'") from exc
 
+from . import observe as _observe  # noqa: F401  (registers diffusers' Attention with the attention observer)
+from . import perturb as _perturb  # noqa: F401  (registers diffusers' family with the perturbations)
 from .families import FAMILIES, Family, family_of, noise_schedule, prediction_space, register_family
 from .generate import generate
 from .guiders import DiffusersGuidance, GuidekitGuider

@@ -28,11 +28,11 @@ from ...branch import COND, Branch
 from ...config import build, to_spec
 from ...context import GuidanceContext, PredictionSpace, StrategySpace
 from ...engine import Backend, Engine, Position
+from ...engine.perturb import KINDS, applied
 from ...errors import ConfigError, GuidekitError
 from ...ops.shapes import from_canonical, parse_layout, to_canonical
 from ...strategies.base import GuidanceStrategy
 from .families import noise_schedule, parse_prediction_type, prediction_space
-from .perturb import KINDS, applied
 
 __all__ = ["DiffusersGuidance", "GuidekitGuider"]
 

@@ -1,5 +1,9 @@
 """Perturbations on diffusers models: attention processors swapped in for one forward, and back.
 
+Importing this module registers diffusers' family with :func:`guidekit.engine.perturb.register`: a model
+that holds diffusers attention modules (a pipeline's UNet or transformer, or a native model built from
+diffusers blocks) is perturbed through :func:`changes`, by the one :func:`~guidekit.engine.perturb.applied`.
+
 NAG (:class:`~guidekit.perturbations.NormalizedAttention`) runs on the pipeline's whole ``[uncond; cond]``
 call: the cond rows' queries attend to both halves' contexts in every selected cross-attention layer
 (``Attention.is_cross_attention``: the UNets' ``attn2``), and both halves continue with the NAG output.
@@ -7,8 +11,6 @@ call: the cond rows' queries attend to both halves' contexts in every selected c
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -19,16 +21,13 @@ from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
 from ...branch import Perturbation
-from ...engine.perturb import swapped
+from ...engine.perturb import KINDS, Change, Perturber, Rows, register
 from ...errors import ConfigError
 from ...ops.attention import blur_queries, normalized_attention
-from ...perturbations import BlurredQueries, IdentitySelfAttention, NormalizedAttention, SkipBlocks
+from ...perturbations import BlurredQueries, NormalizedAttention, SkipBlocks
 from .processors import IdentityAttnProcessor, identity_processor, unet_tokens
 
-__all__ = ["KINDS", "IdentityAttnProcessor", "NormalizedAttnProcessor", "applied", "self_attention_layers"]
-
-KINDS = frozenset({IdentitySelfAttention.kind, SkipBlocks.kind, BlurredQueries.kind, NormalizedAttention.kind})
-"""The perturbation kinds the diffusers backends apply."""
+__all__ = ["KINDS", "IdentityAttnProcessor", "NormalizedAttnProcessor", "changes", "self_attention_layers"]
 
 
 def self_attention_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -142,32 +141,26 @@ class NormalizedAttnProcessor:
         return finish(attn.to_out[1](attn.to_out[0](out)))
 
 
-@contextmanager
-def applied(
-    model: nn.Module, perturbation: Perturbation | None, rows: tuple[slice, slice] | None = None
-) -> Iterator[None]:
-    """``model`` with ``perturbation`` applied for the duration of the block, its processors restored after.
+def changes(model: nn.Module, perturbation: Perturbation, rows: Rows) -> list[Change]:
+    """What applying ``perturbation`` to a diffusers model changes (processors, query projections, blocks).
 
     ``rows``: ``(branch rows, carried rows)`` of the batch for a perturbation that carries a condition of its
     own (NAG: the cond rows and the uncond rows of the pipeline's call).
     """
-    if perturbation is None:
-        yield
-        return
-    if perturbation.kind not in KINDS:
-        raise ConfigError(f"perturbation: the diffusers backends apply {sorted(KINDS)}, got {perturbation.kind!r}")
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model: expected the pipeline's denoiser module to perturb, got {type(model).__name__}")
     modules = resolve(model, perturbation)
     if isinstance(perturbation, BlurredQueries):  # the query projection's output blurred (SEG)
-        changes = [(m.to_q, "forward", _blurred(m.to_q.forward, perturbation.sigma)) for m in modules]
-    elif isinstance(perturbation, SkipBlocks):
-        changes = [(m, "forward", _skipped(m)) for m in modules]
-    elif isinstance(perturbation, NormalizedAttention):
+        return [(m.to_q, "forward", _blurred(m.to_q.forward, perturbation.sigma)) for m in modules]
+    if isinstance(perturbation, SkipBlocks):
+        return [(m, "forward", _skipped(m)) for m in modules]
+    if isinstance(perturbation, NormalizedAttention):
         if rows is None:
             raise ConfigError("rows: expected the branch and negative rows of the 'normalized-attention' forward")
-        changes = [(m, "processor", NormalizedAttnProcessor(perturbation, *rows)) for m in modules]
-    else:  # an instance attribute: set_processor would log and pop hooks
-        changes = [(m, "processor", identity_processor(m)) for m in modules]
-    with swapped(changes):
-        yield
+        return [(m, "processor", NormalizedAttnProcessor(perturbation, *rows)) for m in modules]
+    return [(m, "processor", identity_processor(m)) for m in modules]  # an instance attribute: no hook popping
+
+
+def _owns(model: nn.Module) -> bool:
+    return any(isinstance(m, (Attention, AttentionModuleMixin)) for m in model.modules())
+
+
+register(Perturber("diffusers Attention", owns=_owns, changes=changes))

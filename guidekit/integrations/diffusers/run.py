@@ -18,15 +18,14 @@ from torch import Tensor
 from ...branch import Branch, NoPerturbation, Perturbation, observation_key
 from ...engine import Backend, Engine, Position
 from ...engine.observe import observed
+from ...engine.perturb import KINDS, applied
 from ...errors import ConfigError, GuidekitError, ShapeError
 from ...guided import guided
 from ...ops.shapes import canonical_layout, check_layout, from_canonical, parse_layout, to_canonical
 from ...ops.spaces import PredictionSpace, edm_x_from
 from ...strategies.base import GuidanceStrategy
-from . import observe as _observe  # noqa: F401  (registers diffusers' Attention with the observer)
 from .calls import Call, pack, zip_cat
 from .families import Coords, Family, is_flow, noise_schedule
-from .perturb import KINDS, applied
 
 if TYPE_CHECKING:
     from .stand_in import SamplerScheduler
