@@ -8,6 +8,11 @@ CFG traces the frontier of (class accuracy, FD to the test digits) over its scal
 same noise per seed and reported as their *paired excess FD*: FD minus the CFG frontier's FD at the same
 accuracy (and at the same mean p(y|x)), per seed, then mean ± sd over seeds. Negative is better than CFG.
 DDIM, 30 trailing steps. Writes ``learned_weight.json`` and ``learned_weight.md`` into ``--out``.
+
+    python benchmarks/bench_learned_weight.py --overhead    # the cost of ω per step against CFG
+
+``--overhead`` times, interleaved, the combine alone (batch 10 and 1000) and whole 30-step DDIM runs of the
+digits model (100 samples), CFG against the learned weight, and prints medians and ratios.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,14 +60,62 @@ def cell(values: list[float]) -> str:
     return f"{statistics.fmean(values):+.2f} ± {sd:.2f}"
 
 
+def _median_seconds(fn: Callable[[], object], reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def overhead(reps: int = 7) -> None:
+    """Combine cost and whole-run cost of the learned weight against CFG, interleaved, one thread."""
+    from guidekit.context import GuidanceContext
+    from guidekit.zoo import NULL_CLASS, load_denoiser
+
+    cfg, learned = gk.CFG(1.2), gk.LearnedWeight()
+    for b in (10, 1000):
+        c, u = torch.randn(b, 1, 8, 8), torch.randn(b, 1, 8, 8)
+        ctx = GuidanceContext(
+            sigma=torch.full((b,), 3.0), sigma_next=torch.full((b,), 2.0), condition=torch.arange(b) % 10
+        )
+        found: dict[str, list[float]] = {"cfg": [], "learned": []}
+        for _ in range(reps):
+            for name, s in (("cfg", cfg), ("learned", learned)):
+                found[name].append(_median_seconds(lambda s=s, c=c, u=u, ctx=ctx: s.step(c, u, ctx, None), 200))
+        a, b_ = statistics.median(found["cfg"]), statistics.median(found["learned"])
+        print(f"combine, batch {b}: CFG {a * 1e6:.0f} us, learned {b_ * 1e6:.0f} us (+{(b_ - a) * 1e6:.0f} us)")
+    model = load_denoiser()
+    labels = torch.arange(10).repeat_interleave(10)
+    noise = torch.randn(100, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    kwargs = {"prediction": "eps", "alphas_cumprod": model.alphas_cumprod, "schedule": "trailing"}
+    kwargs |= {"cond": labels, "uncond": torch.full_like(labels, NULL_CLASS), "progress": False, "steps": 30}
+    runs: dict[str, list[float]] = {"cfg": [], "learned": []}
+    with torch.no_grad():
+        for _ in range(reps):
+            for name, s in (("cfg", cfg), ("learned", learned)):
+                runs[name].append(_median_seconds(lambda s=s: gk.sample(model, noise, strategy=s, **kwargs), 1))
+    a, b_ = statistics.median(runs["cfg"]), statistics.median(runs["learned"])
+    spread = max(runs["cfg"]) - min(runs["cfg"])
+    print(
+        f"30-step DDIM run, 100 digits: CFG {a * 1e3:.0f} ms, learned {b_ * 1e3:.0f} ms; ratio {b_ / a:.3f}; "
+        f"per step +{(b_ - a) / 30 * 1e3:.2f} ms; CFG's own spread over {reps} runs {spread * 1e3:.0f} ms"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--overhead", action="store_true", help="only time ω against CFG (see above)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.overhead:
+        overhead()
+        return
     settings = Settings(sampler="ddim", steps=args.steps, per_class=args.per_class, schedule="trailing")
     start = time.perf_counter()
     comparison = run_comparison(DigitsBench(), entries(), settings, args.seeds)

@@ -22,6 +22,7 @@ from guidekit.strategies.learned_weight import (
     LearnedWeight,
     constant_weight,
     load_guidance_weights,
+    save_guidance_weights,
 )
 from guidekit.zoo.train_guidance import (
     GMMTestbed,
@@ -142,6 +143,15 @@ def test_foreign_json_is_refused(tmp_path: Path) -> None:
     path.with_suffix(".json").write_text(json.dumps({"kind": "something else"}))
     with pytest.raises(ConfigError, match=r"weights: expected a JSON record of kind .guidekit\.learned-weight."):
         LearnedWeight(str(path))
+
+
+def test_save_keeps_dots_in_the_name(tmp_path: Path) -> None:
+    a = save_guidance_weights(GuidanceWeightNet(0, omega_init=0.5), tmp_path / "leak-0.5")
+    b = save_guidance_weights(GuidanceWeightNet(0, omega_init=0.0), tmp_path / "leak-0.0")
+    assert (a.name, b.name) == ("leak-0.5.safetensors", "leak-0.0.safetensors")
+    assert a.with_suffix(".json").exists()
+    ctx = GuidanceContext(sigma=torch.ones(1))
+    assert float(LearnedWeight(str(a)).omega(ctx)[0]) == 0.5
 
 
 def test_spec_round_trip() -> None:

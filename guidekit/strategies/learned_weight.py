@@ -151,7 +151,8 @@ def save_guidance_weights(net: GuidanceWeightNet, path: str | Path, record: dict
     ``record``: training command, seed, figures); return the weights path."""
     from safetensors.torch import save_file
 
-    weights = Path(path).with_suffix(".safetensors")
+    path = Path(path)
+    weights = path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
     weights.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(weights))
     meta = {"kind": KIND, "architecture": net.config, **(record or {})}
