@@ -93,15 +93,18 @@ def _run(todo: list[Entry], settings: Settings, seeds: list[int], kwargs: dict[s
     return part
 
 
-def run_all(jobs: list[tuple[list[Entry], dict[str, Any]]], settings: Settings, seeds: list[int], workers: int):
-    """Every ``(entries, bench kwargs)`` job, ``workers`` processes (one thread each)."""
+Job = tuple[list[Entry], dict[str, Any], Settings]
+
+
+def run_all(jobs: list[Job], seeds: list[int], workers: int) -> list[Comparison]:
+    """Every ``(entries, bench kwargs, settings)`` job, in ``workers`` processes (one thread each)."""
     if workers <= 1:
-        return [_run(todo, settings, seeds, kw) for todo, kw in jobs]
+        return [_run(todo, settings, seeds, kw) for todo, kw, settings in jobs]
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_run, todo, settings, seeds, kw) for todo, kw in jobs]
+        futures = [pool.submit(_run, todo, settings, seeds, kw) for todo, kw, settings in jobs]
         return [f.result() for f in futures]
 
 
@@ -164,26 +167,28 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = Settings(sampler="ddim", steps=args.steps, per_class=args.per_class, schedule="trailing")
+    digit_only = Settings(sampler="ddim", steps=args.steps, per_class=5 * args.per_class, schedule="trailing")
     unprompted = {"free_texture": True, "unprompted": True}
     negatives = negative_entries()
     groups: dict[tuple, list[Entry]] = {}
     for entry, kw in negatives:
         groups.setdefault(tuple(sorted(kw.items())), []).append(entry)
-    jobs = [(prompted_entries(), {}), (unprompted_entries(), unprompted)]
-    jobs += [(todo, dict(key)) for key, todo in groups.items()]
+    jobs: list[Job] = [(prompted_entries(), {}, settings), (unprompted_entries(), unprompted, digit_only)]
+    jobs += [(todo, dict(key), digit_only) for key, todo in groups.items()]
     start = time.perf_counter()
-    results = run_all(jobs, settings, args.seeds, args.jobs)
+    results = run_all(jobs, args.seeds, args.jobs)
     minutes = (time.perf_counter() - start) / 60
     prompted, plain, *negative = results
     header = (
-        f"glyphs, DDIM {args.steps} trailing steps, {args.per_class} samples per prompt x seeds {args.seeds}, torch "
+        f"glyphs, DDIM {args.steps} trailing steps, {50 * args.per_class} samples per study and seed (50 prompts, "
+        f"or 10 digits x {5 * args.per_class}) x seeds {args.seeds}, torch "
         f"{torch.__version__}, {args.jobs} process(es) x 1 thread, {minutes:.1f} min wall"
     )
     body = "\n\n".join(
         [
             "**1. Prompted** (50 full prompts; excess over the CFG frontier, mean ± sd over seeds):\n\n"
             + prompted_table(prompted, args.seeds),
-            "**2. Without a prompt** (all tokens null; 10 digit-only reference classes):\n\n"
+            "**2. Without a prompt** (all tokens null; FD against held-out glyphs of every prompt):\n\n"
             + plain_table([plain], ("fd", "spec_err", "sat")),
             "**3. Negative prompt `texture=dots`** (digit-only prompts):\n\n"
             + plain_table(negative, ("neg_rate", "digit_acc", "fd")),

@@ -7,7 +7,10 @@ The unconditional branch is the all-null prompt, or, with ``negative``, the nega
 prompt's tokens (``u + w (c - u)`` moves away from it). With ``free_texture`` (the default when a negative
 is given) the conditional prompt names the digit only (``[digit, null]``), so the texture is the model's
 choice, and ``neg_rate`` reports how often it picks the ``watch``ed texture (default: the negative one);
-``GlyphsBench(free_texture=True, watch="dots")`` is the same run without the negative prompt.
+``GlyphsBench(free_texture=True, watch="dots")`` is the same run without the negative prompt. With
+``unprompted`` every prompt token is null in both branches (unconditional sampling: what PAG, SEG and SAG
+guide without a prompt); the "classes" are then only the sample count, the digit and texture the classifier
+sees are scored as given, and the metrics that mean something are ``fd``, ``spec_err`` and ``sat``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class GlyphsBench(Bench):
         free_texture: prompts name the digit only (a "class" is a digit); default: whether ``negative``
             is given.
         watch: the texture whose rate ``neg_rate`` reports (default ``negative``); needs ``free_texture``.
+        unprompted: every prompt token null (unconditional sampling); implies ``free_texture``.
         model, classifier: default to the shipped checkpoints (in ``directory``, default the package's).
     """
 
@@ -61,14 +65,18 @@ class GlyphsBench(Bench):
         classifier: torch.nn.Module | None = None,
         directory: str | None = None,
         reference_per_prompt: int = 20,
+        unprompted: bool = False,
     ) -> None:
         from . import load_classifier, load_denoiser
 
         for name, value in (("negative", negative), ("watch", watch)):
             if value is not None and value not in TEXTURES:
                 raise ConfigError(f"{name}: expected a texture among {list(TEXTURES)} or None, got {value!r}")
+        if unprompted and (negative is not None or watch is not None):
+            raise ConfigError(f"unprompted: expected no negative or watch with it, got {negative!r}, {watch!r}")
+        self.unprompted = bool(unprompted)
         self.negative = None if negative is None else TEXTURES.index(negative)
-        self.free_texture = negative is not None if free_texture is None else bool(free_texture)
+        self.free_texture = self.unprompted or (negative is not None if free_texture is None else bool(free_texture))
         watch = negative if watch is None else watch
         if watch is not None and not self.free_texture:
             raise ConfigError(f"watch: expected it only with free_texture=True (digit-only prompts), got {watch!r}")
@@ -80,6 +88,11 @@ class GlyphsBench(Bench):
         if not self.free_texture:
             self.num_classes = NUM_DIGITS * len(TEXTURES)
             self.columns = base
+        elif self.unprompted:
+            self.name = "glyphs, no prompt"
+            self.reference_name = "held-out glyphs (any digit, any texture)"
+            self.num_classes = NUM_DIGITS
+            self.columns = ("fd", "spec_err", "sat")
         else:
             self.name = "glyphs, digit-only prompts" + (f", negative texture={negative}" if negative else "")
             self.reference_name = "held-out glyphs (any texture)"
@@ -88,6 +101,8 @@ class GlyphsBench(Bench):
             self.columns = ("digit_acc", "p_digit", *(("neg_rate",) if watch else ()), "fd", "spec_err", "sat")
 
     def _prompts(self, labels: Tensor) -> tuple[Tensor, Tensor]:
+        if self.unprompted:
+            return torch.full_like(labels, NULL_DIGIT), torch.full_like(labels, NULL_TEXTURE)
         if not self.free_texture:
             return label_prompts(labels)
         return labels, torch.full_like(labels, NULL_TEXTURE)
@@ -111,7 +126,10 @@ class GlyphsBench(Bench):
             return glyph_metrics(samples, digits, textures, self.classifier, self.reference)
         # the texture is free: score the texture the classifier sees (so texture_acc is 1 by definition)
         with torch.no_grad():
-            seen = self.classifier.heads(samples.clamp(-1.0, 1.0))[2].argmax(1)
+            heads = self.classifier.heads(samples.clamp(-1.0, 1.0))
+        seen = heads[2].argmax(1)
+        if self.unprompted:  # the digit is free too
+            digits = heads[1].argmax(1)
         out = glyph_metrics(samples, digits, seen, self.classifier, self.reference)
         if self.watch is not None:
             out["neg_rate"] = excluded_rate(self.classifier, samples, self.watch)
@@ -122,4 +140,6 @@ class GlyphsBench(Bench):
         digits, textures = self._prompts(labels)
         if self.free_texture:
             textures = None
+        if self.unprompted:
+            digits = None
         return make_glyphs(len(labels), seed=1000, split="test", digits=digits, textures=textures).images
