@@ -388,3 +388,10 @@ def test_command_writes_weights_record_and_picture_all_or_none(tmp_path: Path, c
     assert "pass --force" in capsys.readouterr().err
     assert main([*args, "--reward", "1", "--out", str(tmp_path / "other")]) == 2
     assert not (tmp_path / "other").exists() or not any((tmp_path / "other").iterdir())
+
+
+def test_declares_that_it_reads_the_condition(tmp_path: Path) -> None:
+    assert LearnedWeight().reads_condition()
+    assert gk.Interval(gk.Rescale(LearnedWeight())).reads_condition()  # combinators delegate
+    assert not LearnedWeight(str(constant_weight(1.0, tmp_path / "c"))).reads_condition()  # no class rows
+    assert not gk.CFG(2.0).reads_condition()

@@ -95,6 +95,12 @@ class GuidanceStrategy(Component, ABC):
         ``"cross"`` (SAG reads a self-attention map, S-CFG both); empty for strategies that read none."""
         return frozenset()
 
+    def reads_condition(self) -> bool:
+        """Whether the combine reads :attr:`GuidanceContext.condition` (learned weights per class). Where a
+        front-end shows no condition (a diffusers pipeline or modular guider) such a strategy falls back to
+        its condition-free rule, so its result there differs from the native loop's."""
+        return False
+
     @property
     def sampler_coupled(self) -> bool:
         """Whether the sampler must step along :meth:`renoise_prediction` (CFG++), not the guided noise."""
@@ -223,6 +229,9 @@ class Combinator(GuidanceStrategy):
 
     def observers(self) -> frozenset[str]:
         return self.inner.observers()
+
+    def reads_condition(self) -> bool:
+        return self.inner.reads_condition()
 
     @property
     def sampler_coupled(self) -> bool:

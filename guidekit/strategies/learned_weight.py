@@ -223,6 +223,9 @@ class LearnedWeight(GuidanceStrategy):
         check_number("omega_scale", self.omega_scale)
         object.__setattr__(self, "net", load_guidance_weights(self.weights))
 
+    def reads_condition(self) -> bool:
+        return self.net.num_classes > 0
+
     def omega(self, ctx: GuidanceContext) -> Tensor:
         """``ω`` per sample ``(b,)`` float64 at this evaluation."""
         sigma = ctx.sigma
