@@ -10,6 +10,7 @@ accuracy (and at the same mean p(y|x)), per seed, then mean ± sd over seeds. Ne
 DDIM, 30 trailing steps. Writes ``learned_weight.json`` and ``learned_weight.md`` into ``--out``.
 
     python benchmarks/bench_learned_weight.py --overhead    # the cost of ω per step against CFG
+    python benchmarks/bench_learned_weight.py --weak        # the weak denoiser (the under-trained regime)
 
 ``--overhead`` times, interleaved, the combine alone (batch 10 and 1000) and whole 30-step DDIM runs of the
 digits model (100 samples), CFG against the learned weight, and prints medians and ratios.
@@ -33,6 +34,17 @@ from guidekit.zoo.compare import DigitsBench, Settings
 from guidekit.zoo.report import Entry, run_comparison
 
 CFG_SCALES = (0.8, 0.9, 1.0, 1.1, 1.2, 1.5)
+
+
+WEAK_CFG_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
+
+
+def weak_entries() -> list[Entry]:
+    """The weak digits denoiser (under-trained: accuracy 0.66 at w = 1): its CFG frontier and its learned ω."""
+    out = [Entry("cfg", f"w={s:g}", gk.CFG(s)) for s in WEAK_CFG_SCALES]
+    name = "digits_weak_learned_weight"
+    out += [Entry("learned-weight", f"ω×{k:g}", gk.LearnedWeight(name, omega_scale=k)) for k in (1.0, 2.0)]
+    return out
 
 
 def entries() -> list[Entry]:
@@ -111,6 +123,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--overhead", action="store_true", help="only time ω against CFG (see above)")
+    parser.add_argument("--weak", action="store_true", help="the weak digits denoiser and its learned ω instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.overhead:
@@ -118,7 +131,13 @@ def main() -> None:
         return
     settings = Settings(sampler="ddim", steps=args.steps, per_class=args.per_class, schedule="trailing")
     start = time.perf_counter()
-    comparison = run_comparison(DigitsBench(), entries(), settings, args.seeds)
+    if args.weak:
+        from guidekit.zoo import load_weak_denoiser
+
+        bench, todo = DigitsBench(model=load_weak_denoiser()), weak_entries()
+    else:
+        bench, todo = DigitsBench(), entries()
+    comparison = run_comparison(bench, todo, settings, args.seeds)
     seconds = time.perf_counter() - start
     rows = comparison.rows
     ex_acc, ex_py = paired(rows, args.seeds, "acc"), paired(rows, args.seeds, "p_y")
@@ -145,10 +164,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     keep = ("index", "family", "strength", "seed", "acc", "p_y", "fd_test", "precision", "recall", "nfe", "seconds")
-    (out / "learned_weight.json").write_text(
+    stem = "learned_weight_weak" if args.weak else "learned_weight"
+    (out / f"{stem}.json").write_text(
         json.dumps({"seconds": seconds, "rows": [{k: r[k] for k in keep if k in r} for r in rows]}, indent=1)
     )
-    (out / "learned_weight.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

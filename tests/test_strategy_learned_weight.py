@@ -34,6 +34,7 @@ from guidekit.zoo.train_guidance import (
 )
 
 CHECKPOINTS = Path(gk.__file__).parent / "zoo" / "checkpoints"
+DIGITS = ("digits_learned_weight", "digits_learned_weight_reward", "digits_weak_learned_weight")
 OMEGA = 2.0  # CFG scale 3: both exact in binary, so "constant ω = CFG" can be bit for bit
 
 
@@ -249,7 +250,7 @@ def test_gradients_flow_to_predictions_not_to_omega() -> None:
 
 
 # -- the shipped weights ------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["digits_learned_weight", "gmm_learned_weight", "gmm_imperfect_learned_weight"])
+@pytest.mark.parametrize("name", [*DIGITS, "gmm_learned_weight", "gmm_imperfect_learned_weight"])
 def test_shipped_weights_load_with_their_command(name: str) -> None:
     assert LearnedWeight(name).net.num_classes in (3, 10)
     record = json.loads((CHECKPOINTS / f"{name}.json").read_text())

@@ -15,7 +15,8 @@ VP-scaled coordinates ``x / sqrt(1 + σ_s²)``, averaged over the triples. The r
 Because ``ω`` enters the guided step linearly, the two network predictions need no gradient: a step costs
 two frozen forwards of ``groups · per_group`` rows and a backward through the tiny ω net only.
 
-Testbeds: ``digits`` (the shipped denoiser and its train split), ``gmm`` (the Gaussian-mixture oracle,
+Testbeds: ``digits`` (the shipped denoiser and its train split), ``digits-weak`` (the deliberately weak
+digits denoiser: the under-trained regime), ``gmm`` (the Gaussian-mixture oracle,
 exact conditional model) and ``gmm-imperfect`` (its conditional model pulled halfway to the
 unconditional mixture, a model trained with half its labels wrong, so the best constant scale is well above 1).
 """
@@ -144,19 +145,20 @@ class Testbed(ABC):
 
 
 class DigitsTestbed(Testbed):
-    """The shipped digits denoiser, its train split and the shipped classifier (the reward)."""
+    """The shipped digits denoiser (or, ``weak``, the deliberately weak one: fewer channels, 500 training
+    steps, the under-trained regime), its train split and the shipped classifier (the reward)."""
 
-    name = "digits"
     num_classes = 10
     prediction = "eps"
     schedule_name = "trailing"
     event_shape = (1, 8, 8)
 
-    def __init__(self) -> None:
-        from . import load_classifier, load_denoiser, load_digits
+    def __init__(self, weak: bool = False) -> None:
+        from . import load_classifier, load_denoiser, load_digits, load_weak_denoiser
         from .unet import NULL_CLASS
 
-        model = load_denoiser()
+        self.name = "digits-weak" if weak else "digits"
+        model = load_weak_denoiser() if weak else load_denoiser()
         self.null_label = NULL_CLASS
         self.extra = {"alphas_cumprod": model.alphas_cumprod}
         self.denoiser = adapt(model, "eps", alphas_cumprod=model.alphas_cumprod)
@@ -482,14 +484,14 @@ def omega_figure(
 
 
 # -- the command ----------------------------------------------------------------------------------------
-TESTBEDS = ("digits", "gmm", "gmm-imperfect")
+TESTBEDS = ("digits", "digits-weak", "gmm", "gmm-imperfect")
 OUTPUTS = ("*.safetensors", "*.json", "*-omega.png")
 
 
 def make_testbed(name: str, seed: int = 0) -> Testbed:
     """A testbed by name (``--testbed``)."""
-    if name == "digits":
-        return DigitsTestbed()
+    if name in ("digits", "digits-weak"):
+        return DigitsTestbed(weak=name == "digits-weak")
     if name in ("gmm", "gmm-imperfect"):
         return GMMTestbed.small(leak=0.5 if name == "gmm-imperfect" else 0.0, seed=seed)
     raise ConfigError(f"--testbed: expected one of {', '.join(TESTBEDS)}, got {name!r}")
@@ -535,7 +537,7 @@ def _main(argv: Sequence[str] | None) -> int:
     recipe = GuidanceRecipe(
         steps=args.steps, groups=args.groups, per_group=args.per_group, lr=args.lr, reward=args.reward, seed=args.seed
     )
-    if args.reward and args.testbed != "digits":
+    if args.reward and not args.testbed.startswith("digits"):
         raise ConfigError(f"--reward: expected 0 for testbed {args.testbed!r}, which has no classifier")
     name = args.name or f"{args.testbed.replace('-', '_')}_learned_weight"
     command = "guidekit train-guidance " + " ".join(sys.argv[1:] if argv is None else argv)
