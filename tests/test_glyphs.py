@@ -236,12 +236,17 @@ def test_attention_guidance_runs_on_the_named_layers(denoiser: glyphs.GlyphsUNet
     torch.testing.assert_close(again, base)
 
 
-def test_identity_attention_on_a_cross_attention_layer_is_refused(denoiser: glyphs.GlyphsUNet) -> None:
+def test_pag_with_the_bare_mid_selector_perturbs_only_the_self_attention(denoiser: glyphs.GlyphsUNet) -> None:
+    """``"mid"`` picks ``mid.self_attn.attn`` and ``mid.cross_attn.attn``; identity attention leaves the
+    cross-attention call as it is, so it equals ``"mid.self_attn"``."""
     tokens = glyphs.encode_prompt("digit=4", 1)
-    with pytest.raises(ConfigError, match=r"select the self-attention layers, e\.g\. layers=\('mid\.self_attn',\)"):
-        gk.sample(denoiser, torch.randn(1, 1, 16, 16), steps=1, cond=tokens, uncond=glyphs.encode_prompt("", 1),
-                  strategy=gk.build({"name": "pag", "params": {"layers": ["mid"]}}), prediction="eps",
-                  alphas_cumprod=denoiser.alphas_cumprod, progress=False)  # fmt: skip
+    kw = dict(steps=2, cond=tokens, uncond=glyphs.encode_prompt("", 1), prediction="eps",
+              alphas_cumprod=denoiser.alphas_cumprod, progress=False)  # fmt: skip
+    x = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    bare = gk.sample(denoiser, x, strategy=gk.PAG(gk.CFG(3.0), 1.0, ("mid",)), **kw)
+    named = gk.sample(denoiser, x, strategy=gk.PAG(gk.CFG(3.0), 1.0, ("mid.self_attn",)), **kw)
+    assert torch.equal(bare, named)
+    assert not torch.allclose(bare, gk.sample(denoiser, x, strategy=gk.CFG(3.0), **kw), atol=1e-4)
 
 
 # -- the command line ---------------------------------------------------------------------------------------

@@ -121,3 +121,31 @@ def test_native_slg_skips_a_residual_block_and_a_bad_selector_names_the_modules(
     assert not torch.equal(skipped, gk.sample(model, x, strategy=gk.CFG(1.0), **kw))
     with pytest.raises(gk.ConfigError, match=r"layer selector 'nowhere' matches no module of VideoDenoiser.*net\.mid2"):
         gk.sample(model, x, strategy=gk.SLG(gk.CFG(1.0), layers=("nowhere",)), **kw)
+
+
+@pytest.mark.parametrize("kind", ["identity", "blur"])
+def test_native_self_attention_perturbations_leave_cross_attention_calls_unchanged(kind):
+    """A selector that picks both attentions of a block (``"attn"`` here, PAG's ``"mid"`` on a U-net with
+    both) perturbs the self-attention call only: a cross-attention call (key not the query) runs as it is."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from attention_models import TinyAttentionNet
+
+    from guidekit.engine.perturb import applied
+    from guidekit.perturbations import BlurredQueries, IdentitySelfAttention
+
+    model = TinyAttentionNet()
+    gen = torch.Generator().manual_seed(0)
+    x, sigma, labels = torch.randn(2, 2, 8, 8, generator=gen), torch.tensor([1.0, 2.0]), torch.tensor([1, 3])
+    both = IdentitySelfAttention(("attn",)) if kind == "identity" else BlurredQueries(("attn",))
+    only_self = IdentitySelfAttention(("self_attn",)) if kind == "identity" else BlurredQueries(("self_attn",))
+    with torch.no_grad():
+        with applied(model, both):
+            picked_both = model(x, sigma, labels)
+        with applied(model, only_self):
+            picked_self = model(x, sigma, labels)
+        plain = model(x, sigma, labels)
+    assert torch.equal(picked_both, picked_self)
+    assert not torch.allclose(picked_self, plain, atol=1e-5)

@@ -4,11 +4,14 @@ One :func:`applied` for every backend; what a model's modules can take is a tabl
 model family (:func:`register`). The built-in family, for any ``nn.Module``:
 
 * :class:`~guidekit.perturbations.IdentitySelfAttention` on ``torch.nn.MultiheadAttention`` modules used as
-  self-attention: the output becomes ``out_proj(v_proj(value))`` (each token attends to itself).
+  self-attention: the output becomes ``out_proj(v_proj(value))`` (each token attends to itself). A call
+  whose key is not its query is cross-attention and runs unchanged (so a selector that also matches a
+  cross-attention layer, PAG's ``"mid"`` on a U-net with both, perturbs only the self-attention).
 * :class:`~guidekit.perturbations.SkipBlocks` on any module whose output has its first input's shape (a
   residual block): it returns that input.
-* :class:`~guidekit.perturbations.BlurredQueries` on ``torch.nn.MultiheadAttention``: the query blurred over
-  its tokens before the attention (SEG; a finite blur needs a square token grid).
+* :class:`~guidekit.perturbations.BlurredQueries` on ``torch.nn.MultiheadAttention`` used as self-attention:
+  the query blurred over its tokens before the attention (SEG; a finite blur needs a square token grid);
+  cross-attention calls run unchanged.
 * :class:`~guidekit.perturbations.NormalizedAttention` on ``torch.nn.MultiheadAttention`` called as
   cross-attention (a key that is not the query): the batch is ``[branch rows; negative rows]``; the branch
   rows' queries attend to both halves' keys and values, NAG combines the two outputs before ``out_proj``
@@ -77,10 +80,13 @@ def register(perturber: Perturber) -> None:
     PERTURBERS.insert(0, perturber)
 
 
-def _identity_attention(module: nn.MultiheadAttention) -> Callable[..., tuple[Tensor, None]]:
+def _identity_attention(module: nn.MultiheadAttention) -> Callable[..., Any]:
     e = module.embed_dim
+    original = module.forward  # the bound class forward
 
-    def forward(query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
+    def forward(query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:
+        if key is not query:  # a cross-attention call: a self-attention perturbation leaves it as it is
+            return original(query, key, value, *args, **kwargs)
         weight = module.in_proj_weight[2 * e :] if module._qkv_same_embed_dim else module.v_proj_weight
         bias = None if module.in_proj_bias is None else module.in_proj_bias[2 * e :]
         return module.out_proj(F.linear(value, weight, bias)), None
@@ -93,6 +99,8 @@ def _blurred_query(module: nn.MultiheadAttention, sigma: float) -> Callable[...,
     token_dim = 1 if module.batch_first else 0
 
     def forward(query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:
+        if key is not query:  # a cross-attention call: left as it is
+            return original(query, key, value, *args, **kwargs)
         return original(blur_queries(query, sigma, token_dim), key, value, *args, **kwargs)
 
     return forward

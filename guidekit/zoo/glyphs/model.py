@@ -23,10 +23,10 @@ Layer names (for perturbation guidance; ``guidekit.perturbations`` selectors):
   from the image tokens, keys and values from the two prompt tokens).
 * The ``.attn`` child of each block is its ``torch.nn.MultiheadAttention``: ``mid.self_attn.attn``,
   ``up1.cross_attn.attn``, ... PAG (identity attention), SEG (blurred queries) and SAG select among these
-  by regular expression, so give them self-attention selectors (``"self_attn"``, ``"mid.self_attn"``): a
-  bare ``"mid"`` also picks ``mid.cross_attn.attn`` (PAG's identity attention is undefined there, and the
-  block refuses it with an error that says so; SEG would blur its queries too). NAG (normalized
-  attention) acts on the cross-attention ones (``"cross_attn"``, or ``()`` for every one).
+  by regular expression (``"self_attn"``, ``"mid.self_attn"``); a bare ``"mid"`` also picks
+  ``mid.cross_attn.attn``, whose calls the self-attention perturbations leave unchanged (a key that is
+  not the query is cross-attention), so it perturbs the same layer. NAG (normalized attention) acts on the
+  cross-attention ones (``"cross_attn"``, or ``()`` for every one).
 * Every block above, and ``down0``, ``down1.res``, ``mid.res1``, ``mid.res2``, ``up1.res``, ``up0``, returns
   its input's shape, so SLG's ``SkipBlocks`` may drop any of them (``"mid.cross_attn"`` removes the
   prompt at the bottleneck).
@@ -127,12 +127,6 @@ class CrossAttentionBlock(nn.Module):
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         b, c, h, w = x.shape
         out, _ = self.attn(self.norm(x).flatten(2).transpose(1, 2), context, context, need_weights=False)
-        if out.shape[1] != h * w:
-            raise ConfigError(
-                f"perturbation: a cross-attention layer returned {out.shape[1]} tokens for {h * w} image tokens; "
-                "a self-attention perturbation (PAG's identity attention, SEG's blurred queries) was applied to "
-                "it: select the self-attention layers, e.g. layers=('mid.self_attn',)"
-            )
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
