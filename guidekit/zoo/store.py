@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,25 @@ def _paths(name: str, directory: Path | str | None) -> tuple[Path, Path]:
 
 
 def write_checkpoint(module: nn.Module, name: str, record: dict[str, Any], directory: Path | str | None = None) -> Path:
-    """Save weights as ``<name>.safetensors`` and ``record`` as ``<name>.json``; return the weights path."""
+    """Save weights as ``<name>.safetensors`` and ``record`` as ``<name>.json``; return the weights path.
+
+    Both are written beside their final names first and moved into place only when both are complete, so
+    an interrupted or failed save leaves the earlier checkpoint (or none), never a half-written file.
+    """
     from safetensors.torch import save_file
 
     weights, meta = _paths(name, directory)
     weights.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-    save_file(state, str(weights))
-    meta.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    staged = [weights.with_name(f".{weights.name}.partial"), meta.with_name(f".{meta.name}.partial")]
+    try:
+        save_file(state, str(staged[0]))
+        staged[1].write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+        os.replace(staged[0], weights)
+        os.replace(staged[1], meta)
+    finally:
+        for path in staged:
+            path.unlink(missing_ok=True)
     return weights
 
 
@@ -50,5 +62,6 @@ def read_weights(module: nn.Module, name: str, directory: Path | str | None = No
 def _require(name: str, path: Path) -> None:
     """A missing checkpoint file names the command that retrains it (image or video zoo)."""
     if not path.exists():
-        command = "python -m guidekit.zoo.video.train" if name.startswith("video") else "python -m guidekit.zoo.train"
+        zoo = next((z for z in ("video", "glyphs") if name.startswith(z)), None)
+        command = f"python -m guidekit.zoo.{zoo}.train" if zoo else "python -m guidekit.zoo.train"
         raise FileNotFoundError(f"checkpoint {name!r}: expected {path}, which does not exist (retrain: `{command}`)")
