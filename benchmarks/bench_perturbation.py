@@ -113,43 +113,110 @@ def _mean(rows: list[dict], key: str) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
-def prompted_table(comparison: Comparison, seeds: list[int]) -> str:
-    rows = comparison.rows
+def _by_label(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows per setting (``label``), in the order the settings ran."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["label"], []).append(r)
+    return out
+
+
+def _paired(mine: list[dict], base: list[dict], key: str, digits: int) -> str:
+    """``key`` minus the baseline's on the same seed (same noise), mean ± sd over seeds."""
+    by_seed = {r["seed"]: r[key] for r in base}
+    diffs = [r[key] - by_seed[r["seed"]] for r in mine if r["seed"] in by_seed]
+    return _cell(*_spread(diffs), digits) if diffs else "—"
+
+
+def prompted_table(rows: list[dict], seeds: list[int]) -> str:
+    """Per setting: fidelity, FD, texture error; the excess over the CFG frontier at matched fidelity, and the
+    paired difference to CFG at the inner scale ``W`` (the same noise, the strategy without its extra term)."""
     ex_p, ex_acc = paired_excess(rows, seeds, "p_y", "fd"), paired_excess(rows, seeds, "acc", "fd")
-    ex_spec = paired_excess(rows, seeds, "p_y", "spec_err")
+    groups = _by_label(rows)
+    inner = groups[f"cfg w={W:g}"]
     lines = [
-        "| strategy | setting | acc | p(prompt\\|x) | FD | excess FD @ p | excess FD @ acc | spec err "
-        "| excess spec err @ p | NFE |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| strategy | setting | acc | p(prompt\\|x) | FD | spec err | Δp vs cfg {W:g} | ΔFD vs cfg {W:g} "
+        f"| Δspec err vs cfg {W:g} | excess FD @ p | excess FD @ acc | NFE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for i, entry in enumerate(comparison.entries):
-        mine = [r for r in rows if r["index"] == i]
-        cells = ["—"] * 3
-        if entry.family != "cfg":
-            cells = [_cell(*_spread(ex[i]), d) for ex, d in ((ex_p, 2), (ex_acc, 2), (ex_spec, 3))]
+    for mine in groups.values():
+        first, i = mine[0], mine[0]["index"]
+        cells = ["—"] * 5
+        if first["family"] != "cfg":
+            cells = [
+                _paired(mine, inner, "p_y", 3),
+                _paired(mine, inner, "fd", 1),
+                _paired(mine, inner, "spec_err", 3),
+                _cell(*_spread(ex_p[i]), 1),
+                _cell(*_spread(ex_acc[i]), 1),
+            ]
         lines.append(
-            f"| {entry.family} | {entry.strength} | {_mean(mine, 'acc'):.3f} | {_mean(mine, 'p_y'):.3f} "
-            f"| {_mean(mine, 'fd'):.2f} | {cells[0]} | {cells[1]} | {_mean(mine, 'spec_err'):.3f} | {cells[2]} "
-            f"| {_mean(mine, 'nfe'):.0f} |"
+            f"| {first['family']} | {first['strength']} | {_mean(mine, 'acc'):.3f} | {_mean(mine, 'p_y'):.3f} "
+            f"| {_mean(mine, 'fd'):.1f} | {_mean(mine, 'spec_err'):.3f} | "
+            + " | ".join(cells)
+            + f" | {_mean(mine, 'nfe'):.0f} |"
         )
     return "\n".join(lines)
 
 
-def plain_table(comparisons: list[Comparison], columns: tuple[str, ...]) -> str:
-    """Means ± seed spread of ``columns`` per entry, over one or more comparisons."""
-    lines = ["| strategy | setting | " + " | ".join(columns) + " | NFE |", "|---|---|" + "---|" * (len(columns) + 1)]
-    for comparison in comparisons:
-        for i, entry in enumerate(comparison.entries):
-            mine = [r for r in comparison.rows if r["index"] == i]
-            cells = []
-            for key in columns:
-                values = [r[key] for r in mine if key in r]
-                mean, sd = _spread(values) if values else (math.nan, math.nan)
-                cells.append("—" if math.isnan(mean) else f"{mean:.3f} ± {sd:.3f}")
-            lines.append(
-                f"| {entry.family} | {entry.strength} | " + " | ".join(cells) + f" | {_mean(mine, 'nfe'):.0f} |"
-            )
+def plain_table(rows: list[dict], columns: tuple[str, ...], baseline: str | None = None) -> str:
+    """Means ± seed spread of ``columns`` per setting; with ``baseline`` (a label), the paired difference of
+    the first column to it on the same seeds."""
+    groups = _by_label(rows)
+    delta = [f"Δ{columns[0]} vs {baseline}"] if baseline else []
+    head = ["strategy", "setting", *columns, *delta, "NFE"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, mine in groups.items():
+        cells = []
+        for key in columns:
+            mean, sd = _spread([r[key] for r in mine if key in r])
+            cells.append("—" if math.isnan(mean) else f"{mean:.3f} ± {sd:.3f}")
+        if baseline:
+            cells.append("—" if label == baseline else _paired(mine, groups[baseline], columns[0], 3))
+        first = mine[0]
+        lines.append(
+            f"| {first['family']} | {first['strength']} | " + " | ".join(cells) + f" | {_mean(mine, 'nfe'):.0f} |"
+        )
     return "\n".join(lines)
+
+
+def render(header: str, rows: dict[str, list[dict]], seeds: list[int]) -> str:
+    return "\n\n".join(
+        [
+            "**1. Prompted** (50 full prompts; Δ: paired with CFG at the inner scale on the same noise; excess: over "
+            "the CFG frontier at matched fidelity; mean ± sd over seeds):\n\n"
+            + prompted_table(rows["prompted"], seeds),
+            "**2. Without a prompt** (all tokens null, CFG 1 inside; FD against held-out glyphs of every prompt):\n\n"
+            + plain_table(rows["unprompted"], ("fd", "spec_err", "sat"), baseline="unconditional"),
+            "**3. Negative prompt `texture=dots`** (digit-only prompts; `neg_rate`: share of dotted samples):\n\n"
+            + plain_table(rows["negative"], ("neg_rate", "digit_acc", "fd")),
+        ]
+    )
+
+
+def measure(args: argparse.Namespace) -> tuple[str, dict[str, list[dict]]]:
+    """Run the three studies; the header line and the rows of each."""
+    settings = Settings(sampler="ddim", steps=args.steps, per_class=args.per_class, schedule="trailing")
+    digit_only = Settings(sampler="ddim", steps=args.steps, per_class=5 * args.per_class, schedule="trailing")
+    unprompted = {"free_texture": True, "unprompted": True}
+    groups: dict[tuple, list[Entry]] = {}
+    for entry, kw in negative_entries():
+        groups.setdefault(tuple(sorted(kw.items())), []).append(entry)
+    jobs: list[Job] = [(prompted_entries(), {}, settings), (unprompted_entries(), unprompted, digit_only)]
+    jobs += [(todo, dict(key), digit_only) for key, todo in groups.items()]
+    start = time.perf_counter()
+    prompted, plain, *negative = run_all(jobs, args.seeds, args.jobs)
+    minutes = (time.perf_counter() - start) / 60
+    header = (
+        f"glyphs, DDIM {args.steps} trailing steps, {50 * args.per_class} samples per study and seed (50 prompts, "
+        f"or 10 digits x {5 * args.per_class}) x seeds {args.seeds}, torch "
+        f"{torch.__version__}, {args.jobs} process(es) x 1 thread, {minutes:.1f} min wall"
+    )
+    return header, {
+        "prompted": prompted.rows,
+        "unprompted": plain.rows,
+        "negative": [r for c in negative for r in c.rows],
+    }
 
 
 def main() -> None:
@@ -160,48 +227,28 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="worker processes, one thread each (default 2)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/results.md")
+    parser.add_argument("--render", action="store_true", help="only redraw the tables from --out/perturbation.json")
     args = parser.parse_args()
     require_extras("benchmark", ["sklearn", "matplotlib"])
     if args.per_class < 1 or args.steps < 1:
         raise gk.ConfigError(f"--per-class, --steps: expected positive integers, got {args.per_class}, {args.steps}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = Settings(sampler="ddim", steps=args.steps, per_class=args.per_class, schedule="trailing")
-    digit_only = Settings(sampler="ddim", steps=args.steps, per_class=5 * args.per_class, schedule="trailing")
-    unprompted = {"free_texture": True, "unprompted": True}
-    negatives = negative_entries()
-    groups: dict[tuple, list[Entry]] = {}
-    for entry, kw in negatives:
-        groups.setdefault(tuple(sorted(kw.items())), []).append(entry)
-    jobs: list[Job] = [(prompted_entries(), {}, settings), (unprompted_entries(), unprompted, digit_only)]
-    jobs += [(todo, dict(key), digit_only) for key, todo in groups.items()]
-    start = time.perf_counter()
-    results = run_all(jobs, args.seeds, args.jobs)
-    minutes = (time.perf_counter() - start) / 60
-    prompted, plain, *negative = results
-    header = (
-        f"glyphs, DDIM {args.steps} trailing steps, {50 * args.per_class} samples per study and seed (50 prompts, "
-        f"or 10 digits x {5 * args.per_class}) x seeds {args.seeds}, torch "
-        f"{torch.__version__}, {args.jobs} process(es) x 1 thread, {minutes:.1f} min wall"
+    command = (
+        f"python benchmarks/bench_perturbation.py --per-class {args.per_class} --steps {args.steps} "
+        f"--seeds {' '.join(map(str, args.seeds))}"
     )
-    body = "\n\n".join(
-        [
-            "**1. Prompted** (50 full prompts; excess over the CFG frontier, mean ± sd over seeds):\n\n"
-            + prompted_table(prompted, args.seeds),
-            "**2. Without a prompt** (all tokens null; FD against held-out glyphs of every prompt):\n\n"
-            + plain_table([plain], ("fd", "spec_err", "sat")),
-            "**3. Negative prompt `texture=dots`** (digit-only prompts):\n\n"
-            + plain_table(negative, ("neg_rate", "digit_acc", "fd")),
-        ]
-    )
+    if args.render:
+        data = json.loads((out / "perturbation.json").read_text())
+        header, rows, command = data["header"], data["runs"], data.get("command", command)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        header, rows = measure(args)
+        record = {"header": header, "command": command, "runs": rows}
+        (out / "perturbation.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    body = render(header, rows, args.seeds)
     (out / "perturbation.md").write_text(f"{header}\n\n{body}\n")
-    rows = {"prompted": prompted.rows, "unprompted": plain.rows, "negative": [r for c in negative for r in c.rows]}
-    (out / "perturbation.json").write_text(json.dumps({"header": header, "runs": rows}, indent=1, default=str) + "\n")
     print(header, body, sep="\n\n")
     if not args.no_write:
-        command = "python benchmarks/bench_perturbation.py" + (
-            f" --per-class {args.per_class} --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}"
-        )
         replace_section(SECTION, f"{SECTION}\n\n`{command}`: {header}.\n\n{body}\n", DOC)
 
 
