@@ -250,9 +250,11 @@ def test_gradients_flow_to_predictions_not_to_omega() -> None:
 
 
 # -- the shipped weights ------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", [*DIGITS, "gmm_learned_weight", "gmm_imperfect_learned_weight"])
+@pytest.mark.parametrize(
+    "name", [*DIGITS, "gmm_learned_weight", "gmm_imperfect_learned_weight", "glyphs_learned_weight"]
+)
 def test_shipped_weights_load_with_their_command(name: str) -> None:
-    assert LearnedWeight(name).net.num_classes in (3, 10)
+    assert LearnedWeight(name).net.num_classes in (3, 10, 65)  # oracle classes, digits, glyphs prompts
     record = json.loads((CHECKPOINTS / f"{name}.json").read_text())
     assert record["kind"] == "guidekit.learned-weight"
     assert record["command"].startswith("guidekit train-guidance")
@@ -396,3 +398,99 @@ def test_declares_that_it_reads_the_condition(tmp_path: Path) -> None:
     assert gk.Interval(gk.Rescale(LearnedWeight())).reads_condition()  # combinators delegate
     assert not LearnedWeight(str(constant_weight(1.0, tmp_path / "c"))).reads_condition()  # no class rows
     assert not gk.CFG(2.0).reads_condition()
+
+
+# -- prompts: the glyphs model ------------------------------------------------------------------------
+def _prompt_net() -> GuidanceWeightNet:
+    torch.manual_seed(0)
+    net = GuidanceWeightNet(65, slots=(11, 6)).double()
+    torch.nn.init.normal_(net.out.weight)  # a net whose ω varies with the prompt
+    return net
+
+
+def test_prompt_net_has_one_row_per_prompt_and_the_all_null_prompt_is_unknown() -> None:
+    net = _prompt_net()
+    prompts = torch.tensor([[3, 4], [3, 5], [10, 4], [0, 0], [10, 5]])  # full, digit-only, texture-only, ..., null
+    assert net.index(prompts, 5, torch.device("cpu")).tolist() == [3 * 6 + 4, 3 * 6 + 5, 10 * 6 + 4, 0, 65]
+    assert net.index(None, 2, torch.device("cpu")).tolist() == [65, 65]
+    sig = torch.full((5,), 2.0, dtype=torch.float64)
+    omega = net(prompts, sig / 2, sig)
+    assert omega[:4].unique().numel() == 4
+    torch.testing.assert_close(omega[4:], net(None, sig[:1] / 2, sig[:1]))
+    torch.testing.assert_close(net.per_sample(prompts, sig / 2, sig), omega, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("condition", "error", "match"),
+    [
+        (torch.tensor([3, 4]), ShapeError, r"expected integer prompt tokens of shape \(2, 2\)"),
+        (torch.tensor([[3.0, 4.0], [1.0, 1.0]]), ShapeError, "expected integer prompt tokens"),
+        (torch.tensor([[3, 6], [1, 1]]), ConfigError, r"tokens in 0..5 in prompt slot 1 \(5 = null\), got 6"),
+        (torch.tensor([[-1, 0], [1, 1]]), ConfigError, r"tokens in 0..10 in prompt slot 0"),
+    ],
+)
+def test_bad_prompt_is_named(condition: Tensor, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        _prompt_net().index(condition, 2, torch.device("cpu"))
+
+
+def test_prompt_net_round_trips_and_is_checked(tmp_path: Path) -> None:
+    net = _prompt_net()
+    loaded = load_guidance_weights(save_guidance_weights(net, tmp_path / "p"))
+    assert loaded.slots == (11, 6) and loaded.num_classes == 65
+    prompts, sig = torch.tensor([[1, 2], [10, 3]]), torch.full((2,), 1.5, dtype=torch.float64)
+    torch.testing.assert_close(loaded(prompts, sig / 3, sig), net(prompts, sig / 3, sig))
+    assert "slots" not in GuidanceWeightNet(10).config  # a label net's record is unchanged (old files load)
+    with pytest.raises(ConfigError, match=r"num_classes: expected prod\(slots\) - 1 = 65"):
+        GuidanceWeightNet(10, slots=(11, 6))
+    with pytest.raises(ConfigError, match="slots: expected token counts >= 2"):
+        GuidanceWeightNet(0, slots=(1,))
+
+
+def test_shipped_glyphs_weight_samples_the_glyphs_model_with_prompts() -> None:
+    """``glyphs_learned_weight`` through ``gk.sample``: ω per sample is its prompt's row (null slots too)."""
+    from guidekit.zoo import glyphs
+
+    model = glyphs.load_denoiser()
+    record = json.loads((CHECKPOINTS / "glyphs_learned_weight.json").read_text())
+    assert record["command"].startswith("guidekit train-guidance --testbed glyphs")
+    seen: list[GuidanceContext] = []
+    strategy = _Recording("glyphs_learned_weight", seen=seen)
+    assert strategy.net.slots == (glyphs.NULL_DIGIT + 1, glyphs.NULL_TEXTURE + 1)
+    cond = glyphs.prompt_tokens(torch.tensor([3, 7, 3, glyphs.NULL_DIGIT]), torch.tensor([4, 0, 5, 2]))
+    noise = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = {"prediction": "eps", "alphas_cumprod": model.alphas_cumprod, "schedule": "trailing", "progress": False}
+    with torch.no_grad():
+        out = gk.sample(
+            model, noise, steps=3, strategy=strategy, cond=cond, uncond=glyphs.prompt_tokens(None, None, 4), **kwargs
+        )
+    assert out.shape == noise.shape and torch.isfinite(out).all()
+    assert len(seen) == 3 and all(torch.equal(ctx.condition, cond) for ctx in seen)
+    plain = LearnedWeight("glyphs_learned_weight")
+    for ctx in seen:
+        expected = plain.net(cond, ctx.sigma_next.double(), ctx.sigma.double())
+        torch.testing.assert_close(plain.omega(ctx), expected.double())
+
+
+def test_glyphs_testbed_trains_on_prompts_with_null_slots() -> None:
+    from guidekit.zoo.glyphs import NULL_DIGIT, NULL_TEXTURE
+    from guidekit.zoo.train_guidance import GlyphsTestbed
+
+    testbed = GlyphsTestbed(pool=300)
+    drawn = testbed.draw_conditions(400, torch.Generator().manual_seed(0))
+    null = torch.tensor([NULL_DIGIT, NULL_TEXTURE])
+    assert not bool((drawn == null).all(1).any())  # the all-null prompt is not trained on (a no-op)
+    assert bool((drawn[:, 0] == NULL_DIGIT).any()) and bool((drawn[:, 1] == NULL_TEXTURE).any())
+    samples = testbed.true_samples(torch.tensor([[3, NULL_TEXTURE]]), 5, torch.Generator().manual_seed(0))
+    assert samples.shape == (1, 5, 1, 16, 16)
+    result = train_guidance(testbed, GuidanceRecipe(steps=2, groups=2, per_group=4, schedule_steps=(5,)))
+    assert result.net.slots == testbed.slots and len(result.history) == 2
+    assert all(torch.isfinite(torch.tensor(h["mmd"])) for h in result.history)
+
+
+def test_glyphs_demo_runs_the_glyphs_weight() -> None:
+    """``guidekit demo --model glyphs`` lists learned-weight with the glyphs model's own ω (prompts, not labels)."""
+    from guidekit.zoo.glyphs.demo import glyphs_entries
+
+    entries, skipped = glyphs_entries(["learned-weight"])
+    assert [e.strategy.weights for e in entries] == ["glyphs_learned_weight"] and not skipped

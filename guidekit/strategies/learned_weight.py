@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,13 @@ class GuidanceWeightNet(nn.Module):
     *unknown* condition (trained on a share of the batch, so ``ω(∅, s, t)`` is a condition-free weight);
     ``num_classes = 0`` makes the net a function of ``(s, t)`` alone. The last layer starts at zero with
     bias ``omega_init``, so an untrained net is CFG at scale ``1 + omega_init``.
+
+    ``slots`` makes the condition a *prompt* of tokens ``(b, len(slots))`` instead of class labels ``(b,)``:
+    slot ``i`` takes ``slots[i]`` tokens, its last one the slot's null token (the glyphs model:
+    ``slots = (11, 6)``, ``[digit, texture]``). Each prompt is one embedding row, its tokens read as the
+    digits of a mixed-radix number (``row = digit · 6 + texture`` for the glyphs), so a prompt with an
+    unspecified slot has its own ω; the all-null prompt is the last row, the unknown condition.
+    ``num_classes`` must then be ``prod(slots) - 1``.
     """
 
     def __init__(
@@ -51,10 +59,20 @@ class GuidanceWeightNet(nn.Module):
         omega_init: float = 0.0,
         sigma_floor: float = 1e-3,
         sigma_ceil: float = 1e3,
+        slots: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ConfigError(f"num_classes: expected an integer >= 0, got {num_classes!r}")
+        if slots is not None:
+            slots = tuple(slots)
+            if not slots or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in slots):
+                raise ConfigError(f"slots: expected token counts >= 2 per prompt slot, got {slots!r}")
+            if num_classes != math.prod(slots) - 1:
+                raise ConfigError(
+                    f"num_classes: expected prod(slots) - 1 = {math.prod(slots) - 1} for slots {slots}, "
+                    f"got {num_classes}"
+                )
         if not 0 < sigma_floor < sigma_ceil:
             raise ConfigError(f"sigma_floor, sigma_ceil: expected 0 < floor < ceil, got {sigma_floor}, {sigma_ceil}")
         self.config = {
@@ -66,7 +84,10 @@ class GuidanceWeightNet(nn.Module):
             "sigma_floor": float(sigma_floor),
             "sigma_ceil": float(sigma_ceil),
         }
+        if slots is not None:  # only prompt nets name it: a label net's record is what it always was
+            self.config["slots"] = list(slots)
         self.num_classes = num_classes
+        self.slots = slots
         self.embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
         width = (emb_dim if num_classes else 0) + 2 * (1 + 2 * frequencies) + 1
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
@@ -85,10 +106,13 @@ class GuidanceWeightNet(nn.Module):
 
     def index(self, condition: Tensor | None, batch: int, device: torch.device) -> Tensor:
         """Embedding rows for ``condition``: class ``k`` -> ``k``; ``None`` or an unconditional label
-        (``num_classes``, guidekit's digits ``NULL_CLASS``, or ``-1``, the oracle's) -> ``num_classes``."""
+        (``num_classes``, guidekit's digits ``NULL_CLASS``, or ``-1``, the oracle's) -> ``num_classes``; with
+        ``slots``, prompts ``(batch, len(slots))`` -> their mixed-radix row (the all-null prompt -> ``num_classes``)."""
         k = self.num_classes
         if condition is None or k == 0:  # a condition-free net ignores the condition
             return torch.full((batch,), k, dtype=torch.long, device=device)
+        if self.slots is not None:
+            return self._prompt_rows(condition, batch, device)
         if condition.shape != (batch,) or condition.is_floating_point() or condition.is_complex():
             raise ShapeError(
                 f"ctx.condition: expected integer class labels of shape ({batch},), got {condition.dtype} "
@@ -103,8 +127,31 @@ class GuidanceWeightNet(nn.Module):
             )
         return labels.remainder(k + 1) if lo < 0 else labels  # -1 -> k
 
+    def _prompt_rows(self, condition: Tensor, batch: int, device: torch.device) -> Tensor:
+        """Prompts ``(batch, len(slots))`` -> rows: the tokens as the digits of a mixed-radix number."""
+        slots = self.slots
+        assert slots is not None
+        if condition.shape != (batch, len(slots)) or condition.is_floating_point() or condition.is_complex():
+            raise ShapeError(
+                f"ctx.condition: expected integer prompt tokens of shape ({batch}, {len(slots)}), got "
+                f"{condition.dtype} {tuple(condition.shape)}"
+            )
+        tokens = condition.to(device=device, dtype=torch.long)
+        rows = torch.zeros(batch, dtype=torch.long, device=device)
+        for i, n in enumerate(slots):
+            column = tokens[:, i]
+            if bool(((column < 0) | (column >= n)).any()):
+                bad = column[(column < 0) | (column >= n)]
+                raise ConfigError(
+                    f"ctx.condition: expected tokens in 0..{n - 1} in prompt slot {i} ({n - 1} = null), "
+                    f"got {int(bad[0])}"
+                )
+            rows = rows * n + column
+        return rows
+
     def forward(self, condition: Tensor | None, sigma_s: Tensor, sigma_t: Tensor) -> Tensor:
-        """``ω`` per sample ``(b,)`` for labels ``condition`` ``(b,)`` (or ``None``) and EDM sigmas, in the
+        """``ω`` per sample ``(b,)`` for labels ``condition`` ``(b,)`` (prompts ``(b, len(slots))``; or
+        ``None``) and EDM sigmas, in the
         parameters' dtype (float32 while training; float64 once loaded, so a sample's ω does not depend on the
         batch it is in: float32 matrix products round differently for different batch sizes)."""
         return self.at(self.index(condition, sigma_t.shape[0], sigma_t.device), sigma_s, sigma_t)
@@ -200,7 +247,8 @@ class LearnedWeight(GuidanceStrategy):
     The paper's x0 form with ``ω = w - 1`` in guidekit's convention: the guided prediction is
     ``u + (1 + ω)(c - u)``, linear in the predictions, so every prediction space gives the same sample
     (methods.md §2). ``ω`` comes from a :class:`GuidanceWeightNet` of the condition (``ctx.condition``, the
-    ``cond`` branch's class labels), the noise level denoised from (``t``: ``ctx.sigma``) and the one
+    ``cond`` branch's class labels, or its prompt tokens for a net with ``slots``), the noise level
+    denoised from (``t``: ``ctx.sigma``) and the one
     stepped to (``s``: ``ctx.sigma_next``, the sampler's next sigma; ``0`` when the caller does not know
     it). Without a condition (the diffusers paths, direct calls) the net's *unknown condition* row gives
     ``ω(∅, s, t)``. Train one with ``guidekit train-guidance`` (:mod:`guidekit.zoo.train_guidance`).

@@ -17,8 +17,10 @@ two frozen forwards of ``groups · per_group`` rows and a backward through the t
 
 Testbeds: ``digits`` (the shipped denoiser and its train split), ``digits-weak`` (the deliberately weak
 digits denoiser: the under-trained regime), ``gmm`` (the Gaussian-mixture oracle,
-exact conditional model) and ``gmm-imperfect`` (its conditional model pulled halfway to the
-unconditional mixture, a model trained with half its labels wrong, so the best constant scale is well above 1).
+exact conditional model), ``gmm-imperfect`` (its conditional model pulled halfway to the
+unconditional mixture, a model trained with half its labels wrong, so the best constant scale is well above 1)
+and ``glyphs`` (the glyphs model: the condition is a two-token prompt ``[digit, texture]`` with a null token
+per slot, dropped per slot as the model was trained, and ω has one embedding row per prompt).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from .cmdline import at_least, guarded, seeds
 __all__ = [
     "DigitsTestbed",
     "GMMTestbed",
+    "GlyphsTestbed",
     "GuidanceRecipe",
     "Testbed",
     "TrainResult",
@@ -58,6 +61,8 @@ __all__ = [
     "main",
     "make_testbed",
     "omega_figure",
+    "prompt_panels",
+    "slot_summary",
     "train_guidance",
 ]
 
@@ -123,6 +128,16 @@ class Testbed(ABC):
     schedule_name: str | None = None
     event_shape: tuple[int, ...]
     extra: dict[str, Any]
+    slots: tuple[int, ...] | None = None
+    """Prompt testbeds: tokens per prompt slot, null token last (:class:`GuidanceWeightNet` ``slots``)."""
+
+    def draw_conditions(self, g: int, generator: torch.Generator) -> Tensor:
+        """``g`` conditions to train on: class labels ``(g,)``, uniform."""
+        return torch.randint(self.num_classes, (g,), generator=generator)
+
+    def unconditional(self, cond: Tensor) -> Tensor:
+        """The unconditional branch's condition for conditions ``cond``."""
+        return torch.full_like(cond, self.null_label)
 
     def schedule(self, steps: int) -> Tensor:
         """The EDM sigmas of a ``steps``-step run (what :func:`guidekit.sample` uses)."""
@@ -130,7 +145,7 @@ class Testbed(ABC):
 
     @abstractmethod
     def true_samples(self, labels: Tensor, n: int, generator: torch.Generator) -> Tensor:
-        """``(len(labels), n, *event_shape)`` true samples, ``n`` of each class in ``labels``."""
+        """``(len(labels), n, *event_shape)`` true samples, ``n`` of each condition in ``labels``."""
 
     def log_reward(self, x0: Tensor, labels: Tensor) -> Tensor:
         """``log p(c | x0)`` per sample; testbeds without a reward raise."""
@@ -178,6 +193,65 @@ class DigitsTestbed(Testbed):
 
     def log_reward(self, x0: Tensor, labels: Tensor) -> Tensor:
         return torch.log_softmax(self.classifier(x0.float()), 1).gather(1, labels[:, None]).squeeze(1)
+
+
+class GlyphsTestbed(Testbed):
+    """The shipped glyphs denoiser (:mod:`guidekit.zoo.glyphs`): conditions are prompts ``(g, 2)``
+    ``[digit, texture]``, each slot dropped to its null token with probability ``p_drop`` as the denoiser was
+    trained (``0.25`` per slot), the all-null prompt left out (its guidance is a no-op: both branches are
+    unconditional; ω's row for it is the unknown condition, trained through ``p_unknown``). True samples of a
+    prompt are drawn from a pool of ``pool`` training-split glyphs: those with the prompt's digit and texture,
+    a null slot matching any value (the pool's attributes are uniform, so a digit-only prompt's samples have
+    uniform textures, the model's training distribution). No reward (its classifier is for evaluation)."""
+
+    name = "glyphs"
+    prediction = "eps"
+    schedule_name = "trailing"
+
+    def __init__(self, pool: int = 10_000, p_drop: float = 0.25, seed: int = 0) -> None:
+        from .glyphs import NULL_DIGIT, NULL_TEXTURE, SIZE, load_denoiser, make_glyphs
+
+        if not 0 <= p_drop < 1:
+            raise ConfigError(f"p_drop: expected a share in [0, 1), got {p_drop!r}")
+        self.slots = (NULL_DIGIT + 1, NULL_TEXTURE + 1)
+        self.num_classes = math.prod(self.slots) - 1
+        self.null = torch.tensor([NULL_DIGIT, NULL_TEXTURE])
+        self.p_drop = float(p_drop)
+        self.event_shape = (1, SIZE, SIZE)
+        model = load_denoiser()
+        self.extra = {"alphas_cumprod": model.alphas_cumprod}
+        self.denoiser = adapt(model, "eps", alphas_cumprod=model.alphas_cumprod)
+        data = make_glyphs(pool, seed=10_000 + seed, split="train")
+        self.images, self.digits, self.textures = data.images, data.digits, data.textures
+
+    def draw_conditions(self, g: int, generator: torch.Generator) -> Tensor:
+        tokens = torch.stack(
+            [torch.randint(n - 1, (g,), generator=generator) for n in self.slots], 1
+        )  # (g, 2), no null yet
+        drop = torch.rand(g, 2, generator=generator) < self.p_drop
+        both = drop.all(1)
+        keep = torch.randint(2, (g,), generator=generator)  # all-null: keep one slot, drawn at random
+        drop[both, keep[both]] = False
+        return torch.where(drop, self.null.expand(g, -1), tokens)
+
+    def unconditional(self, cond: Tensor) -> Tensor:
+        return self.null.expand(cond.shape[0], -1).clone()
+
+    def true_samples(self, labels: Tensor, n: int, generator: torch.Generator) -> Tensor:
+        out = []
+        for digit, texture in labels.tolist():
+            match = torch.ones_like(self.digits, dtype=torch.bool)
+            if digit != int(self.null[0]):
+                match &= self.digits == digit
+            if texture != int(self.null[1]):
+                match &= self.textures == texture
+            pool = self.images[match]
+            if n <= len(pool):
+                pick = torch.randperm(len(pool), generator=generator)[:n]
+            else:
+                pick = torch.randint(len(pool), (n,), generator=generator)
+            out.append(pool[pick])
+        return torch.stack(out)
 
 
 class GMMTestbed(Testbed):
@@ -282,19 +356,19 @@ def _loss(
     generator: torch.Generator,
 ) -> tuple[Tensor, dict[str, float]]:
     g, n = recipe.groups, recipe.per_group
-    labels = torch.randint(testbed.num_classes, (g,), generator=generator)
+    labels = testbed.draw_conditions(g, generator)
     sig_t, sig_s = _pairs(recipe, schedules, g, generator)
     x0 = testbed.true_samples(labels, 2 * n, generator).to(torch.float32)
     x0a, x0b = x0[:, :n].flatten(0, 1), x0[:, n:]
-    rows = labels.repeat_interleave(n)
+    rows = labels.repeat_interleave(n, 0)
     st, ss = sig_t.repeat_interleave(n), sig_s.repeat_interleave(n)
     shape = (-1,) + (1,) * (x0a.ndim - 1)
     x_t = x0a + st.view(shape) * torch.randn(x0a.shape, generator=generator)
     with torch.no_grad():
         d_c = testbed.denoiser(x_t, st, cond=rows)
-        d_u = testbed.denoiser(x_t, st, cond=torch.full_like(rows, testbed.null_label))
+        d_u = testbed.denoiser(x_t, st, cond=testbed.unconditional(rows))
     unknown = torch.rand(g, generator=generator) < recipe.p_unknown
-    omega = net(torch.where(unknown, torch.full_like(labels, testbed.null_label), labels), sig_s, sig_t)
+    omega = net.at(torch.where(unknown, net.num_classes, net.index(labels, g, sig_t.device)), sig_s, sig_t)
     x_hat = d_c + omega.repeat_interleave(n).view(shape) * (d_c - d_u)
     x_s = x_hat + (ss / st).view(shape) * (x_t - x_hat)
     y_s = x0b + sig_s.view((-1, 1) + (1,) * (x0b.ndim - 2)) * torch.randn(x0b.shape, generator=generator)
@@ -335,7 +409,7 @@ def train_guidance(
     """
     torch.manual_seed(recipe.seed)
     net = GuidanceWeightNet(
-        testbed.num_classes, recipe.emb_dim, recipe.hidden, recipe.frequencies, recipe.omega_init
+        testbed.num_classes, recipe.emb_dim, recipe.hidden, recipe.frequencies, recipe.omega_init, slots=testbed.slots
     ).train()
     opt = torch.optim.Adam(net.parameters(), lr=recipe.lr)
     start, history, seconds = 0, [], 0.0
@@ -433,16 +507,25 @@ def best_constant(
 
 # -- the picture ----------------------------------------------------------------------------------------
 def omega_figure(
-    net: GuidanceWeightNet, schedule: Tensor, path: Path, names: Sequence[str] | None = None, title: str = ""
+    net: GuidanceWeightNet,
+    schedule: Tensor,
+    path: Path,
+    names: Sequence[str] | None = None,
+    title: str = "",
+    panels: Sequence[tuple[str, Sequence[int]]] | None = None,
 ) -> Path:
     """ω over ``(t, s)`` (EDM sigmas, log axes, ``s < t``) per condition and for the unknown condition; the
-    consecutive pairs of ``schedule`` (what a sampler evaluates) are marked."""
+    consecutive pairs of ``schedule`` (what a sampler evaluates) are marked. ``panels``: ``(title, rows)``
+    per panel instead, each the mean ω of the embedding rows ``rows`` (prompt nets: groups of prompts)."""
     from .figures import _pyplot
 
     plt = _pyplot()
     k = net.num_classes
-    conds: list[int | None] = [*range(k), None]
-    labels = [f"c = {c if names is None else names[c]}" for c in range(k)] + ["c unknown"]
+    if panels is None:
+        names_ = [f"c = {c if names is None else names[c]}" for c in range(k)] + ["c unknown"]
+        panels = [(label, [c]) for c, label in enumerate(names_)]
+    conds = [rows for _, rows in panels]
+    labels = [label for label, _ in panels]
     pos = schedule[schedule > 0]
     lo, hi = math.log(float(pos.min())), math.log(float(pos.max()))
     grid = torch.linspace(lo, hi, 60).exp()
@@ -450,10 +533,9 @@ def omega_figure(
     valid = ss < tt
     values = []
     with torch.no_grad():
-        for c in conds:
-            cond = None if c is None else torch.full((tt.numel(),), c)
-            w = net(cond, ss.reshape(-1), tt.reshape(-1)).reshape(tt.shape)
-            values.append(torch.where(valid, w, torch.nan))
+        for rows in conds:
+            w = sum(net.at(torch.full((tt.numel(),), r), ss.reshape(-1), tt.reshape(-1)) for r in rows) / len(rows)
+            values.append(torch.where(valid, w.reshape(tt.shape), torch.nan))
     vmin = min(float(v[valid].min()) for v in values)
     vmax = max(float(v[valid].max()) for v in values)
     cols = min(len(conds), 4 if len(conds) <= 4 else 6)
@@ -483,8 +565,60 @@ def omega_figure(
     return path
 
 
+def prompt_panels(net: GuidanceWeightNet) -> list[tuple[str, list[int]]]:
+    """The glyphs ω picture's panels: full prompts per texture (mean over digits), digit-only prompts, the
+    texture-only prompt of each texture, the unknown condition (= the all-null prompt)."""
+    from .glyphs import NULL_DIGIT, NULL_TEXTURE, TEXTURES
+
+    width = NULL_TEXTURE + 1
+    digits = range(NULL_DIGIT)
+    out = [(f"[digit, {t}] (mean)", [d * width + i for d in digits]) for i, t in enumerate(TEXTURES)]
+    out.append(("[digit, ∅] (mean)", [d * width + NULL_TEXTURE for d in digits]))
+    out += [(f"[∅, {t}]", [NULL_DIGIT * width + i]) for i, t in enumerate(TEXTURES)]
+    out.append(("[∅, ∅] = unknown", [net.num_classes]))
+    return out
+
+
+def slot_summary(net: GuidanceWeightNet, schedule: Tensor) -> dict[str, Any]:
+    """Mean ω of a glyphs prompt net over the ``(t, s)`` pairs of ``schedule`` (what its sampler evaluates),
+    per kind of prompt (full, digit-only, texture-only, the unknown = all-null one), per texture and per
+    digit, and over the first, middle and last third of the steps (high, mid, low noise)."""
+    from .glyphs import NULL_DIGIT, NULL_TEXTURE, TEXTURES
+
+    width = NULL_TEXTURE + 1
+    m = len(schedule) - 1
+    rows = torch.arange(net.num_classes + 1)
+    with torch.no_grad():
+        table = torch.stack(
+            [net.at(rows, schedule[i + 1].expand(len(rows)), schedule[i].expand(len(rows))) for i in range(m)]
+        ).double()  # (pairs, rows)
+    thirds = {"high_noise": range(m // 3), "mid_noise": range(m // 3, 2 * m // 3), "low_noise": range(2 * m // 3, m)}
+
+    def r3(v: Tensor) -> float:
+        return round(float(v), 3)
+
+    def stats(which: list[int]) -> dict[str, float]:
+        part = table[:, which]
+        out = {"mean": r3(part.mean()), "sd_across_prompts": r3(part.mean(0).std()) if len(which) > 1 else 0.0}
+        out |= {name: r3(part[list(span)].mean()) for name, span in thirds.items()}
+        return out
+
+    digits, textures = range(NULL_DIGIT), range(NULL_TEXTURE)
+    return {
+        "pairs": f"the {m} consecutive (t, s) pairs of the sampler's schedule",
+        "full": stats([d * width + t for d in digits for t in textures]),
+        "digit_only": stats([d * width + NULL_TEXTURE for d in digits]),
+        "texture_only": stats([NULL_DIGIT * width + t for t in textures]),
+        "unknown_or_null": stats([net.num_classes]),
+        "full_by_texture": {TEXTURES[t]: r3(table[:, [d * width + t for d in digits]].mean()) for t in textures},
+        "texture_only_by_texture": {TEXTURES[t]: r3(table[:, NULL_DIGIT * width + t].mean()) for t in textures},
+        "full_by_digit": {str(d): r3(table[:, [d * width + t for t in textures]].mean()) for d in digits},
+        "digit_only_by_digit": {str(d): r3(table[:, d * width + NULL_TEXTURE].mean()) for d in digits},
+    }
+
+
 # -- the command ----------------------------------------------------------------------------------------
-TESTBEDS = ("digits", "digits-weak", "gmm", "gmm-imperfect")
+TESTBEDS = ("digits", "digits-weak", "gmm", "gmm-imperfect", "glyphs")
 OUTPUTS = ("*.safetensors", "*.json", "*-omega.png")
 
 
@@ -494,6 +628,8 @@ def make_testbed(name: str, seed: int = 0) -> Testbed:
         return DigitsTestbed(weak=name == "digits-weak")
     if name in ("gmm", "gmm-imperfect"):
         return GMMTestbed.small(leak=0.5 if name == "gmm-imperfect" else 0.0, seed=seed)
+    if name == "glyphs":
+        return GlyphsTestbed(seed=seed)
     raise ConfigError(f"--testbed: expected one of {', '.join(TESTBEDS)}, got {name!r}")
 
 
@@ -560,7 +696,13 @@ def _main(argv: Sequence[str] | None) -> int:
         if isinstance(testbed, GMMTestbed) and args.eval_per_class:
             record["evaluation"] = _evaluate_gmm(testbed, weights, per_class=args.eval_per_class)
             save_guidance_weights(result.net, folder / name, record)
-        omega_figure(result.net, testbed.schedule(30), folder / f"{name}-omega.png", title=f"learned ω, {name}")
+        panels = None
+        if isinstance(testbed, GlyphsTestbed):
+            record["omega_per_prompt"] = slot_summary(result.net, testbed.schedule(30))
+            save_guidance_weights(result.net, folder / name, record)
+            panels = prompt_panels(result.net)
+        title = f"learned ω, {name}"
+        omega_figure(result.net, testbed.schedule(30), folder / f"{name}-omega.png", title=title, panels=panels)
         print(f"trained {name} in {result.seconds:.0f} s; final MMD {record['final_mmd']:.4f}")
         if "evaluation" in record:
             print(record["evaluation"])

@@ -56,6 +56,10 @@ def _perturbation_makers() -> dict[str, tuple[str, Callable[[float], GuidanceStr
     return {name: m for name, m in makers.items() if name in STRATEGIES.names()}
 
 
+GLYPHS_WEIGHTS = "glyphs_learned_weight"
+"""The shipped learned ω of this model (``guidekit train-guidance --testbed glyphs``): learned-weight's
+default, the digits model's ω, reads class labels, not prompts."""
+
 PERTURBATION_STRENGTHS = {"pag": 1.0, "seg": 1.0, "sag": 0.5, "slg": 1.0, "stg": 1.0, "nag": 3.0}
 
 
@@ -68,6 +72,11 @@ def glyphs_entries(names: Sequence[str] | None = None) -> tuple[list[Entry], dic
     sweeps, skipped = default_sweeps([n for n in wanted if n not in perturbed] if wanted is not None else None)
     entries: list[Entry] = []
     for sweep in sweeps:
+        if sweep.name == "learned-weight":  # this model's own ω (one per prompt, shipped), as trained
+            from ...strategies.learned_weight import LearnedWeight
+
+            entries.append(Entry(sweep.name, f"{sweep.param}=1 ({GLYPHS_WEIGHTS})", LearnedWeight(GLYPHS_WEIGHTS)))
+            continue
         if sweep.name == "cfg":
             strengths: tuple[float, ...] = (1.0, BASE_SCALE, 5.0)
         else:  # one strength: the one closest to the base scale (cfg++'s λ: its largest)
