@@ -11,6 +11,11 @@ DDIM, 30 trailing steps. Writes ``learned_weight.json`` and ``learned_weight.md`
 
     python benchmarks/bench_learned_weight.py --overhead    # the cost of ω per step against CFG
     python benchmarks/bench_learned_weight.py --weak        # the weak denoiser (the under-trained regime)
+    python benchmarks/bench_learned_weight.py --model glyphs --per-class 4 --seeds 0 1 2   # the glyphs model
+
+``--model glyphs``: the glyphs model's 50 full prompts ``[digit, texture]`` (``GlyphsBench``; ``--per-class``
+is per prompt, default 4), CFG at ``GLYPHS_CFG_SCALES`` against its learned ω (``glyphs_learned_weight``, one
+ω per prompt), paired excess FD at matched p(prompt|x) and at matched accuracy (both heads right).
 
 ``--overhead`` times, interleaved, the combine alone (batch 10 and 1000) and whole 30-step DDIM runs of the
 digits model (100 samples), CFG against the learned weight, and prints medians and ratios.
@@ -39,6 +44,19 @@ CFG_SCALES = (0.8, 0.9, 1.0, 1.1, 1.2, 1.5)
 WEAK_CFG_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
 
 
+GLYPHS_CFG_SCALES = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5)
+"""Dense where the glyphs model's prompt fidelity still moves and its FD has its minimum (bench_quality's
+``mid`` range without w = 3)."""
+
+
+def glyphs_entries() -> list[Entry]:
+    """The glyphs model: its CFG frontier and its learned per-prompt ω (as trained and at twice its strength)."""
+    out = [Entry("cfg", f"w={s:g}", gk.CFG(s)) for s in GLYPHS_CFG_SCALES]
+    name = "glyphs_learned_weight"
+    out += [Entry("learned-weight", f"ω×{k:g}", gk.LearnedWeight(name, omega_scale=k)) for k in (1.0, 2.0)]
+    return out
+
+
 def weak_entries() -> list[Entry]:
     """The weak digits denoiser (under-trained: accuracy 0.66 at w = 1): its CFG frontier and its learned ω."""
     out = [Entry("cfg", f"w={s:g}", gk.CFG(s)) for s in WEAK_CFG_SCALES]
@@ -54,14 +72,14 @@ def entries() -> list[Entry]:
     return out
 
 
-def paired(rows: list[dict], seeds: list[int], fidelity: str) -> dict[int, list[float]]:
+def paired(rows: list[dict], seeds: list[int], fidelity: str, quality: str = "fd_test") -> dict[int, list[float]]:
     out: dict[int, list[float]] = {}
     for seed in seeds:
         cfg = sorted((r for r in rows if r["seed"] == seed and r["family"] == "cfg"), key=lambda r: r["index"])
-        xs, ys = [r[fidelity] for r in cfg], [r["fd_test"] for r in cfg]
+        xs, ys = [r[fidelity] for r in cfg], [r[quality] for r in cfg]
         for r in rows:
             if r["seed"] == seed:
-                out.setdefault(r["index"], []).append(excess_over_frontier(r[fidelity], r["fd_test"], xs, ys))
+                out.setdefault(r["index"], []).append(excess_over_frontier(r[fidelity], r[quality], xs, ys))
     return out
 
 
@@ -118,7 +136,8 @@ def overhead(reps: int = 7) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--per-class", type=int, default=100)
+    parser.add_argument("--model", choices=("digits", "glyphs"), default="digits")
+    parser.add_argument("--per-class", type=int, default=None, help="default 100 per digit; 4 per glyphs prompt")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="benchmarks/results")
@@ -128,6 +147,11 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.overhead:
         overhead()
+        return
+    if args.per_class is None:
+        args.per_class = 4 if args.model == "glyphs" else 100
+    if args.model == "glyphs":
+        glyphs(args)
         return
     settings = Settings(sampler="ddim", steps=args.steps, per_class=args.per_class, schedule="trailing")
     start = time.perf_counter()
@@ -169,6 +193,49 @@ def main() -> None:
         json.dumps({"seconds": seconds, "rows": [{k: r[k] for k in keep if k in r} for r in rows]}, indent=1)
     )
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def glyphs(args: argparse.Namespace) -> None:
+    """``--model glyphs``: the CFG frontier against the learned per-prompt ω on the glyphs model."""
+    from guidekit.zoo.glyphs.bench import GlyphsBench
+
+    settings = Settings(sampler="ddim", steps=args.steps, per_class=args.per_class, schedule="trailing")
+    start = time.perf_counter()
+    comparison = run_comparison(GlyphsBench(), glyphs_entries(), settings, args.seeds)
+    seconds = time.perf_counter() - start
+    rows = comparison.rows
+    ex_p, ex_acc = paired(rows, args.seeds, "p_y", "fd"), paired(rows, args.seeds, "acc", "fd")
+    lines = [
+        f"glyphs, {args.per_class} per prompt x 50 prompts x {len(args.seeds)} seeds, DDIM {args.steps} trailing "
+        f"steps, {seconds / 60:.1f} min",
+        "",
+        "| strategy | setting | acc | p(prompt\\|x) | digit acc | texture acc | FD | excess FD @ p(prompt\\|x) "
+        "| excess FD @ acc | spec err |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, entry in enumerate(comparison.entries):
+        mine = [r for r in rows if r["index"] == i]
+
+        def m(key: str, mine: list[dict] = mine) -> float:
+            return statistics.fmean(r[key] for r in mine)
+
+        cfg = entry.family == "cfg"
+        lines.append(
+            f"| {entry.family} | {entry.strength} | {m('acc'):.3f} | {m('p_y'):.3f} | {m('digit_acc'):.3f} "
+            f"| {m('texture_acc'):.3f} | {m('fd'):.2f} | {'—' if cfg else cell(ex_p[i])} "
+            f"| {'—' if cfg else cell(ex_acc[i])} | {m('spec_err'):.3f} |"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    keep = ("index", "family", "strength", "seed", "acc", "p_y", "digit_acc", "texture_acc", "fd", "spec_err")
+    (out / "learned_weight_glyphs.json").write_text(
+        json.dumps(
+            {"seconds": seconds, "rows": [{k: r[k] for k in (*keep, "nfe", "seconds") if k in r} for r in rows]},
+            indent=1,
+        )
+    )
+    (out / "learned_weight_glyphs.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
