@@ -1,7 +1,7 @@
 """``guidekit demo --model glyphs``: every registered strategy on the glyphs model, plus a negative prompt.
 
 Every strategy family runs at one strength near CFG 3 (CFG itself at 1, 3 and 5) on the same noise; the
-attention-perturbation strategies (PAG, SEG, SAG, SLG, STG, NAG) get this model's layer names
+attention-perturbation strategies (PAG, SEG, SAG, SLG, STG, NAG) and S-CFG get this model's layer names
 (:mod:`.model`). The outputs are the image demo's (``metrics.txt/.csv/.json``, ``grid.png``,
 ``frontier.png``, ``scale-maps-*.png``) plus ``negative.txt`` and ``negative-grid.png``: digit-only prompts
 sampled with CFG 3 from the all-null unconditional branch and from the negative prompt ``texture=dots``,
@@ -52,6 +52,7 @@ def _perturbation_makers() -> dict[str, tuple[str, Callable[[float], GuidanceStr
         ),
         "stg": ("scale", lambda s: STRATEGIES.get("stg")(inner=inner, scale=s, layers=("up1.self_attn",))),
         "nag": ("φ", lambda s: STRATEGIES.get("nag")(inner=inner, scale=s, layers=("cross_attn",))),
+        "s-cfg": ("scale", lambda s: STRATEGIES.get("s-cfg")(scale=s)),  # its scale is the CFG scale
     }
     return {name: m for name, m in makers.items() if name in STRATEGIES.names()}
 
@@ -60,7 +61,7 @@ GLYPHS_WEIGHTS = "glyphs_learned_weight"
 """The shipped learned ω of this model (``guidekit train-guidance --testbed glyphs``): learned-weight's
 default, the digits model's ω, reads class labels, not prompts."""
 
-PERTURBATION_STRENGTHS = {"pag": 1.0, "seg": 1.0, "sag": 0.5, "slg": 1.0, "stg": 1.0, "nag": 3.0}
+PERTURBATION_STRENGTHS = {"pag": 1.0, "seg": 1.0, "sag": 0.5, "slg": 1.0, "stg": 1.0, "nag": 3.0, "s-cfg": BASE_SCALE}
 
 
 def glyphs_entries(names: Sequence[str] | None = None) -> tuple[list[Entry], dict[str, str]]:
@@ -86,7 +87,8 @@ def glyphs_entries(names: Sequence[str] | None = None) -> tuple[list[Entry], dic
         if wanted is None or name in wanted:
             skipped.pop(name, None)
             strength = PERTURBATION_STRENGTHS[name]
-            entries.append(Entry(name, f"{param}={strength:g} cfg={BASE_SCALE:g}", make(strength)))
+            inner = "" if name == "s-cfg" else f" cfg={BASE_SCALE:g}"
+            entries.append(Entry(name, f"{param}={strength:g}{inner}", make(strength)))
     return entries, skipped
 
 
