@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["CHECKPOINT_DIR", "read_record", "read_weights", "write_checkpoint"]
+__all__ = ["CHECKPOINT_DIR", "read_record", "read_weights", "require_checkpoint", "write_checkpoint"]
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 
@@ -59,8 +59,15 @@ def read_weights(module: nn.Module, name: str, directory: Path | str | None = No
     return module.eval().requires_grad_(False)
 
 
+def require_checkpoint(name: str, directory: Path | str | None = None) -> None:
+    """Both files of checkpoint ``name`` exist, or a ``FileNotFoundError`` names the missing one and the
+    command that retrains it."""
+    for path in _paths(name, directory):
+        _require(name, path)
+
+
 def _require(name: str, path: Path) -> None:
-    """A missing checkpoint file names the command that retrains it (image or video zoo)."""
+    """A missing checkpoint file names the command that retrains it (digits, glyphs or video zoo)."""
     if not path.exists():
         zoo = next((z for z in ("video", "glyphs") if name.startswith(z)), None)
         command = f"python -m guidekit.zoo.{zoo}.train" if zoo else "python -m guidekit.zoo.train"

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..store import CHECKPOINT_DIR, read_record, read_weights
+from ..store import read_record, read_weights, require_checkpoint
 from .classifier import FEATURE_DIM, GlyphsClassifier
 from .data import (
     NULL_DIGIT,
@@ -61,19 +61,9 @@ DENOISER = "glyphs_denoiser"
 CLASSIFIER = "glyphs_classifier"
 
 
-def _require(name: str, directory: Path | str | None) -> None:
-    base = Path(directory) if directory is not None else CHECKPOINT_DIR
-    for suffix in (".json", ".safetensors"):
-        if not (base / f"{name}{suffix}").exists():
-            raise FileNotFoundError(
-                f"checkpoint {name!r}: expected {base / (name + suffix)}, which does not exist "
-                "(train it with `python -m guidekit.zoo.glyphs.train`)"
-            )
-
-
 def checkpoint_record(name: str = DENOISER, directory: Path | str | None = None) -> dict[str, Any]:
     """The JSON record of a shipped glyphs checkpoint: command, recipe, architecture, held-out figures."""
-    _require(name, directory)
+    require_checkpoint(name, directory)
     return read_record(name, directory)
 
 
@@ -89,5 +79,5 @@ def load_denoiser(directory: Path | str | None = None) -> GlyphsUNet:
 
 def load_classifier(directory: Path | str | None = None) -> GlyphsClassifier:
     """The shipped two-head evaluation classifier (64-d features; digit and texture heads), in eval mode."""
-    _require(CLASSIFIER, directory)
+    require_checkpoint(CLASSIFIER, directory)
     return read_weights(GlyphsClassifier(), CLASSIFIER, directory)  # type: ignore[return-value]

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..store import CHECKPOINT_DIR, read_record, read_weights
+from ..store import read_record, read_weights, require_checkpoint
 from .classifier import FrameClassifier
 from .data import Clips, MotionConfig, digit_sprites, make_clips, render_clips
 from .model import VideoDenoiser, VideoDenoiserConfig
@@ -48,19 +48,9 @@ DENOISER = "video_denoiser"
 CLASSIFIER = "video_classifier"
 
 
-def _require(name: str, directory: Path | str | None) -> None:
-    base = Path(directory) if directory is not None else CHECKPOINT_DIR
-    for suffix in (".json", ".safetensors"):
-        if not (base / f"{name}{suffix}").exists():
-            raise FileNotFoundError(
-                f"checkpoint {name!r}: expected {base / (name + suffix)}, which does not exist "
-                "(train it with `python -m guidekit.zoo.video.train`)"
-            )
-
-
 def checkpoint_record(name: str = DENOISER, directory: Path | str | None = None) -> dict[str, Any]:
     """The JSON record of a shipped video checkpoint: command, recipe, architecture, measured figures."""
-    _require(name, directory)
+    require_checkpoint(name, directory)
     return read_record(name, directory)
 
 
@@ -77,5 +67,5 @@ def load_denoiser(directory: Path | str | None = None, layout: str = "b c f h w"
 
 def load_classifier(directory: Path | str | None = None) -> FrameClassifier:
     """The shipped per-frame evaluation classifier (16x16 frames, 64-d features), in eval mode."""
-    _require(CLASSIFIER, directory)
+    require_checkpoint(CLASSIFIER, directory)
     return read_weights(FrameClassifier(), CLASSIFIER, directory)  # type: ignore[return-value]
