@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from diffusers.hooks._helpers import TransformerBlockRegistry  # pinned diffusers 0.42.1: block input/output map
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
@@ -23,9 +21,9 @@ from torch import Tensor, nn
 from ...branch import Perturbation
 from ...engine.perturb import KINDS, Change, Perturber, Rows, register
 from ...errors import ConfigError
-from ...ops.attention import blur_queries, normalized_attention
+from ...ops.attention import blur_queries
 from ...perturbations import BlurredQueries, NormalizedAttention, SkipBlocks
-from .processors import IdentityAttnProcessor, identity_processor, unet_tokens
+from .processors import IdentityAttnProcessor, NormalizedAttnProcessor, identity_processor
 
 __all__ = ["KINDS", "IdentityAttnProcessor", "NormalizedAttnProcessor", "changes", "self_attention_layers"]
 
@@ -93,52 +91,6 @@ def _skipped(block: nn.Module) -> Any:
         return tuple(out)
 
     return forward
-
-
-class NormalizedAttnProcessor:
-    """NAG in a cross-attention layer: rows ``positive`` attend to their context and to rows ``negative``'s
-    context with the same queries; both row sets get ``to_out(normalized_attention(z⁺, z⁻))``."""
-
-    def __init__(self, nag: NormalizedAttention, positive: slice, negative: slice) -> None:
-        self.nag, self.positive, self.negative = nag, positive, negative
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        temb: Tensor | None = None,
-        **kwargs: Any,
-    ) -> Tensor:
-        if encoder_hidden_states is None:
-            raise ConfigError("perturbation: 'normalized-attention' needs a cross-attention call, got no context")
-        hidden_states, finish = unet_tokens(attn, hidden_states, temb)
-        b = hidden_states.shape[0]
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], b)
-            attention_mask = attention_mask.view(b, attn.heads, -1, attention_mask.shape[-1])
-        if attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        q, k, v = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-        d = k.shape[-1] // attn.heads
-        q, k, v = (t.view(b, -1, attn.heads, d).transpose(1, 2) for t in (q, k, v))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        pos, neg = self.positive, self.negative
-
-        def attend(keys: slice) -> Tensor:
-            mask = None if attention_mask is None else attention_mask[keys]
-            z = F.scaled_dot_product_attention(q[pos], k[keys], v[keys], attn_mask=mask)
-            return z.transpose(1, 2).reshape(q[pos].shape[0], -1, attn.heads * d).to(q.dtype)
-
-        nag = self.nag
-        z = normalized_attention(attend(pos), attend(neg), nag.scale, nag.tau, nag.alpha)
-        out = torch.empty(b, *z.shape[1:], dtype=z.dtype, device=z.device)
-        out[pos], out[neg] = z, z
-        return finish(attn.to_out[1](attn.to_out[0](out)))
 
 
 def changes(model: nn.Module, perturbation: Perturbation, rows: Rows) -> list[Change]:

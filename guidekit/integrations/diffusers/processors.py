@@ -37,11 +37,14 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch import Tensor, nn
 
 from ...errors import ConfigError
+from ...ops.attention import normalized_attention
+from ...perturbations import NormalizedAttention
 
 __all__ = [
     "CogVideoXIdentityAttnProcessor",
     "IdentityAttnProcessor",
     "JointIdentityAttnProcessor",
+    "NormalizedAttnProcessor",
     "WanIdentityAttnProcessor",
     "identity_processor",
     "joint_identity_mask",
@@ -183,6 +186,47 @@ class WanIdentityAttnProcessor:
         rotary_emb: Any = None,
     ) -> Tensor:
         return attn.to_out[1](attn.to_out[0](attn.to_v(hidden_states)))
+
+
+class NormalizedAttnProcessor:
+    """NAG in a cross-attention layer: rows ``positive`` attend to their context and to rows ``negative``'s
+    context with the same queries; both row sets get ``to_out(normalized_attention(z⁺, z⁻))``."""
+
+    def __init__(self, nag: NormalizedAttention, positive: slice, negative: slice) -> None:
+        self.nag, self.positive, self.negative = nag, positive, negative
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        if encoder_hidden_states is None:
+            raise ConfigError("perturbation: 'normalized-attention' needs a cross-attention call, got no context")
+        hidden_states, finish = unet_tokens(attn, hidden_states, temb)
+        b = hidden_states.shape[0]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], b)
+            attention_mask = attention_mask.view(b, attn.heads, -1, attention_mask.shape[-1])
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        q = _norm(attn.norm_q, _heads(attn.to_q(hidden_states), attn.heads))
+        k = _norm(attn.norm_k, _heads(attn.to_k(encoder_hidden_states), attn.heads))
+        v = _heads(attn.to_v(encoder_hidden_states), attn.heads)
+        pos, neg = self.positive, self.negative
+
+        def attend(keys: slice) -> Tensor:
+            mask = None if attention_mask is None else attention_mask[keys]
+            return _merge(F.scaled_dot_product_attention(q[pos], k[keys], v[keys], attn_mask=mask)).to(q.dtype)
+
+        nag = self.nag
+        z = normalized_attention(attend(pos), attend(neg), nag.scale, nag.tau, nag.alpha)
+        out = torch.empty(b, *z.shape[1:], dtype=z.dtype, device=z.device)
+        out[pos], out[neg] = z, z
+        return finish(attn.to_out[1](attn.to_out[0](out)))
 
 
 _PROCESSORS: dict[type, type] = {
