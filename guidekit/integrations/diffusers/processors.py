@@ -1,4 +1,6 @@
-"""Identity self-attention (PAG, STG-A) for every attention processor of the supported diffusers families.
+"""The attention processors of the perturbations: identity self-attention (PAG, STG-A) for every attention
+processor of the supported diffusers families, and NAG's normalized cross-attention
+(:class:`NormalizedAttnProcessor`).
 
 PAG (Ahn et al., ECCV 2024, arXiv 2403.17377) replaces a self-attention map by the identity, so each token's
 output is its own value: ``to_out(to_v(h))``. That is the whole rule in a layer of visual tokens only (the
