@@ -29,10 +29,11 @@ def test_cfg_zero_star_matches_diffusers(pair, w, zero_init_steps, step):
     ctx = ctx_for(c, step=step, num_steps=10, space="flow")
     out = gk.CFGZeroStar(w, zero_init_steps=zero_init_steps)(c, u, ctx)
     # the same rule; diffusers divides by ||u||^2 + 1e-8 where we guard ||u|| = 0. Its float32 dots lose s* to
-    # cancellation when c is nearly orthogonal to u (ours are float64), so it is run on float64 inputs
+    # cancellation when c is nearly orthogonal to u (ours are float64), so it is run on float64 inputs. The
+    # output itself may cancel (c close to s*u): its float32 rounding is measured against the inputs' scale
     uu = float(flat(u).pow(2).sum(1).min())
     if uu > 1e-2:
-        assert close(out, ref, 1e-5 + 1e-7 / uu)
+        assert close(out, ref, 1e-5 + 1e-7 / uu, like=(1 + w) * (c.abs() + u.abs()))
 
 
 @given(pairs(), st.floats(0.0, 12.0))

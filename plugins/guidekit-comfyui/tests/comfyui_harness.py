@@ -233,4 +233,6 @@ def why_not(name: str) -> str | None:
         return "attention maps"  # SAG, S-CFG: ComfyUI's forwards record none
     if strategy.perturbations():
         return "perturbation"  # layer selectors in ComfyUI's names: test_comfyui_perturbations runs these
+    if strategy.reads_condition():
+        return "condition"  # learned-weight reads class labels; ComfyUI's conditionings are embeddings (unknown row)
     return None

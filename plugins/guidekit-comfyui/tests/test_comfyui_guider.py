@@ -22,7 +22,7 @@ SAMPLER_PAIRS = [("euler", "euler"), ("heun", "heun"), ("dpmpp_2m", "dpmpp-2m")]
 
 
 REASONS = {name: why for name in STRATEGIES.names() if (why := why_not(name)) is not None}
-NOT_A_GUIDER = {name: why for name, why in REASONS.items() if why != "perturbation"}
+NOT_A_GUIDER = {name: why for name, why in REASONS.items() if why not in ("perturbation", "condition")}
 """Refused by the guider. Perturbation strategies run (in ComfyUI's layer names; the native engine here has no
 module to perturb): test_comfyui_perturbations compares them with ComfyUI's own nodes."""
 

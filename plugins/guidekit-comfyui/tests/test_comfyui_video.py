@@ -78,7 +78,8 @@ def test_every_strategy_on_5d_latents_equals_the_native_engine(video: Tiny, name
 
     strategy, why = example(name), why_not(name)
     if why is not None:
-        where = "test_comfyui_perturbations runs it" if why == "perturbation" else "test_comfyui_guider refuses it"
+        where = {"perturbation": "test_comfyui_perturbations runs it", "condition": "the guider runs its unknown row"}
+        where = where.get(why, "test_comfyui_guider refuses it")
         pytest.skip(f"{name}: {why}; the native engine here cannot run it ({where})")
     guider = GuidekitComfyGuider(video.patcher, strategy)
     ours = _sample(guider, video)
