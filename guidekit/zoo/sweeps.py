@@ -84,9 +84,9 @@ def _generic(name: str, cls: type) -> Sweep | str:
     if any(f.name == "loss" and f.default is None for f, _ in fields):  # loss guidance (DPS): data, not a knob
         return "needs a loss on x0 (guidekit.losses: a measurement or a classifier), which the demo cannot choose"
     if cls().perturbations():
-        return "perturbs the network (a perturbed forward), which the digits model's backend does not apply yet"
+        return "perturbs attention layers, which the digits model (a UNet without attention) lacks: use --model glyphs"
     if cls().observers():
-        return "reads attention maps (SAG, S-CFG), which the digits model (a UNet without attention) has none of"
+        return "reads attention maps, which the digits model (a UNet without attention) lacks: use --model glyphs"
     if has_scale and not inner:
         return Sweep(name, "scale", DEFAULT_STRENGTHS, lambda s: cls(scale=s))
     if inner:
