@@ -16,12 +16,13 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
 from .classifier import DigitsClassifier, random_shift
 from .cmdline import counts, guarded, require_extras, seeds, writable_folder
 from .data import DIGITS_SPLIT, DigitsSplit, load_digits
+from .optim import ema_update
 from .unet import NULL_CLASS, DigitsUNet
 
 __all__ = [
@@ -87,12 +88,6 @@ def train_classifier(data: DigitsSplit, recipe: ClassifierRecipe = ClassifierRec
     return model.eval().requires_grad_(False)
 
 
-def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-            e.lerp_(p, 1.0 - decay)
-
-
 def train_denoiser(data: DigitsSplit, recipe: DenoiserRecipe = DenoiserRecipe(), progress: bool = False) -> DigitsUNet:
     """Train an eps-prediction :class:`DigitsUNet`; returns the EMA weights.
 
@@ -122,7 +117,7 @@ def train_denoiser(data: DigitsSplit, recipe: DenoiserRecipe = DenoiserRecipe(),
         loss.backward()
         opt.step()
         sched.step()
-        _ema_update(ema, model, min(recipe.ema_decay, (1 + k) / (10 + k)))
+        ema_update(ema, model, k, recipe.ema_decay)
         bar.update(1)
         if k % 100 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cmdline import counts, guarded, require_extras, seeds, writable_folder
+from ..optim import ema_update, warmup_cosine
 from ..store import CHECKPOINT_DIR, write_checkpoint
 from .classifier import GlyphsClassifier
 from .data import NULL_DIGIT, NULL_TEXTURE, GlyphStyle, make_glyphs
@@ -50,6 +50,10 @@ class DenoiserRecipe:
     seed: int = 0
 
 
+LR_FLOOR = 0.02
+"""Both networks' learning rate decays (cosine, after a linear warm-up) to this share of its peak."""
+
+
 @dataclass(frozen=True)
 class ClassifierRecipe:
     """How the classifier is trained: the sum of both heads' cross-entropies on fresh train glyphs."""
@@ -59,14 +63,6 @@ class ClassifierRecipe:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     seed: int = 0
-
-
-def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 2% of ``peak``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def _progress(total: int, desc: str) -> Any:
@@ -112,16 +108,13 @@ def train_denoiser(
         eps = torch.randn(batch.images.shape, generator=gen)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         for group in opt.param_groups:
-            group["lr"] = _lr(k, recipe.steps, recipe.lr, warmup=min(200, recipe.steps // 10 + 1))
+            group["lr"] = warmup_cosine(k, recipe.steps, recipe.lr, min(200, recipe.steps // 10 + 1), LR_FLOOR)
         loss = F.mse_loss(model(a.sqrt() * batch.images + (1 - a).sqrt() * eps, t, tokens), eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        decay = min(recipe.ema_decay, (1 + k) / (10 + k))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-                p_ema.lerp_(p, 1.0 - decay)
+        ema_update(ema, model, k, recipe.ema_decay)
         running += loss.item()
         if (k + 1) % log_every == 0 or k + 1 == recipe.steps:
             seen = (k % log_every) + 1
@@ -145,7 +138,7 @@ def train_classifier(
     for k in range(recipe.steps):
         batch = make_glyphs(recipe.batch_size, seed=2_000_000 * (recipe.seed + 1) + k, split="train", style=style)
         for group in opt.param_groups:
-            group["lr"] = _lr(k, recipe.steps, recipe.lr, warmup=50)
+            group["lr"] = warmup_cosine(k, recipe.steps, recipe.lr, 50, LR_FLOOR)
         _, digit_logits, texture_logits = model.heads(batch.images)
         loss = F.cross_entropy(digit_logits, batch.digits) + F.cross_entropy(texture_logits, batch.textures)
         opt.zero_grad(set_to_none=True)

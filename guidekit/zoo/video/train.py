@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..cmdline import counts, guarded, require_extras, writable_folder
+from ..optim import ema_update, warmup_cosine
 from ..store import CHECKPOINT_DIR, write_checkpoint
 from .classifier import FrameClassifier
 from .data import MotionConfig, make_clips
@@ -56,6 +56,10 @@ class DenoiserRecipe:
     seed: int = 0
 
 
+LR_FLOOR = 0.05
+"""Both networks' learning rate decays (cosine, after a linear warm-up) to this share of its peak."""
+
+
 @dataclass(frozen=True)
 class ClassifierRecipe:
     """How the per-frame classifier is trained: cross-entropy on every frame of fresh clips."""
@@ -65,14 +69,6 @@ class ClassifierRecipe:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     seed: int = 0
-
-
-def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 5% of ``peak``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def edm_loss(model: VideoDenoiser, x0: Tensor, labels: Tensor, gen: torch.Generator) -> Tensor:
@@ -113,16 +109,13 @@ def train_denoiser(
         drop = torch.rand(recipe.batch_size, generator=gen) < recipe.p_uncond
         labels = torch.where(drop, model.null_label, clips.labels)
         for group in opt.param_groups:
-            group["lr"] = _lr(k, recipe.steps, recipe.lr, warmup=min(200, recipe.steps // 10 + 1))
+            group["lr"] = warmup_cosine(k, recipe.steps, recipe.lr, min(200, recipe.steps // 10 + 1), LR_FLOOR)
         loss = edm_loss(model, clips.video, labels, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        decay = min(recipe.ema_decay, (1 + k) / (10 + k))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-                p_ema.lerp_(p, 1.0 - decay)
+        ema_update(ema, model, k, recipe.ema_decay)
         bar.update(1)
         if k % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -141,7 +134,7 @@ def train_classifier(recipe: ClassifierRecipe = ClassifierRecipe(), motion: Moti
         b, _, f, h, w = clips.video.shape
         frames = clips.video.transpose(1, 2).reshape(b * f, 1, h, w)
         for group in opt.param_groups:
-            group["lr"] = _lr(k, recipe.steps, recipe.lr, warmup=50)
+            group["lr"] = warmup_cosine(k, recipe.steps, recipe.lr, 50, LR_FLOOR)
         loss = F.cross_entropy(model(frames), clips.labels.repeat_interleave(f))
         opt.zero_grad(set_to_none=True)
         loss.backward()
