@@ -32,9 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bench_quality import paired_excess
 
 import guidekit as gk
-from guidekit.metrics import excess_over_frontier
 from guidekit.zoo.compare import DigitsBench, Settings
 from guidekit.zoo.report import Entry, run_comparison
 
@@ -69,17 +69,6 @@ def entries() -> list[Entry]:
     out = [Entry("cfg", f"w={s:g}", gk.CFG(s)) for s in CFG_SCALES]
     out += [Entry("learned-weight", f"ω×{k:g}", gk.LearnedWeight(omega_scale=k)) for k in (1.0, 2.0)]
     out.append(Entry("learned-weight reward", "ω×1", gk.LearnedWeight("digits_learned_weight_reward")))
-    return out
-
-
-def paired(rows: list[dict], seeds: list[int], fidelity: str, quality: str = "fd_test") -> dict[int, list[float]]:
-    out: dict[int, list[float]] = {}
-    for seed in seeds:
-        cfg = sorted((r for r in rows if r["seed"] == seed and r["family"] == "cfg"), key=lambda r: r["index"])
-        xs, ys = [r[fidelity] for r in cfg], [r[quality] for r in cfg]
-        for r in rows:
-            if r["seed"] == seed:
-                out.setdefault(r["index"], []).append(excess_over_frontier(r[fidelity], r[quality], xs, ys))
     return out
 
 
@@ -164,7 +153,7 @@ def main() -> None:
     comparison = run_comparison(bench, todo, settings, args.seeds)
     seconds = time.perf_counter() - start
     rows = comparison.rows
-    ex_acc, ex_py = paired(rows, args.seeds, "acc"), paired(rows, args.seeds, "p_y")
+    ex_acc, ex_py = paired_excess(rows, args.seeds, "acc", "fd_test"), paired_excess(rows, args.seeds, "p_y", "fd_test")
     lines = [
         f"{args.per_class * 10} samples x {len(args.seeds)} seeds, DDIM {args.steps} trailing steps, "
         f"{seconds / 60:.1f} min",
@@ -205,7 +194,7 @@ def glyphs(args: argparse.Namespace) -> None:
     comparison = run_comparison(GlyphsBench(), glyphs_entries(), settings, args.seeds)
     seconds = time.perf_counter() - start
     rows = comparison.rows
-    ex_p, ex_acc = paired(rows, args.seeds, "p_y", "fd"), paired(rows, args.seeds, "acc", "fd")
+    ex_p, ex_acc = paired_excess(rows, args.seeds, "p_y", "fd"), paired_excess(rows, args.seeds, "acc", "fd")
     lines = [
         f"glyphs, {args.per_class} per prompt x 50 prompts x {len(args.seeds)} seeds, DDIM {args.steps} trailing "
         f"steps, {seconds / 60:.1f} min",
