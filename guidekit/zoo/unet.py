@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from ..ops.timesteps import betas_linear
 
-__all__ = ["NULL_CLASS", "NUM_CLASSES", "DigitsUNet", "linear_beta_alphas_cumprod", "timestep_embedding"]
+__all__ = ["NULL_CLASS", "NUM_CLASSES", "DigitsUNet", "ResBlock", "linear_beta_alphas_cumprod", "timestep_embedding"]
 
 NUM_CLASSES = 10
 NULL_CLASS = 10

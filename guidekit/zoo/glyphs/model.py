@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import ConfigError, ShapeError
-from ..unet import linear_beta_alphas_cumprod, timestep_embedding
+from ..unet import ResBlock, linear_beta_alphas_cumprod, timestep_embedding
 from .data import NULL_DIGIT, NULL_TEXTURE, SIZE
 
 __all__ = ["CrossAttentionBlock", "GlyphsUNet", "GlyphsUNetConfig", "SelfAttentionBlock"]
@@ -73,27 +73,6 @@ class GlyphsUNetConfig:
         d = dict(d)
         d["channels"] = tuple(d["channels"])  # type: ignore[arg-type]
         return cls(**d)  # type: ignore[arg-type]
-
-
-class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, FiLM from the noise embedding between them, 1x1 skip when channels change."""
-
-    def __init__(self, c_in: int, c_out: int, emb_dim: int) -> None:
-        super().__init__()
-        self.norm1 = nn.GroupNorm(8, c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.film = nn.Linear(emb_dim, 2 * c_out)
-        self.norm2 = nn.GroupNorm(8, c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
-
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
-        h = self.conv2(F.silu(self.norm2(h) * (1.0 + scale) + shift))
-        return self.skip(x) + h
 
 
 class SelfAttentionBlock(nn.Module):
