@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..branch import AttentionMaps
 from ..errors import ConfigError
+from ..ops.attention import mha_heads
 
 __all__ = ["RECORDERS", "Recorder", "mha_attention_map", "observed", "register"]
 
@@ -62,16 +63,8 @@ def mha_attention_map(module: nn.MultiheadAttention, query: Tensor, key: Tensor)
     """``softmax(q kᵀ / √d)`` of ``module`` averaged over heads, ``(b, queries, keys)`` (batch first)."""
     if not module.batch_first:
         query, key = query.transpose(0, 1), key.transpose(0, 1)
-    e, h = module.embed_dim, module.num_heads
-    if module._qkv_same_embed_dim:
-        wq, wk = module.in_proj_weight[:e], module.in_proj_weight[e : 2 * e]
-    else:
-        wq, wk = module.q_proj_weight, module.k_proj_weight
-    bq, bk = (None, None) if module.in_proj_bias is None else (module.in_proj_bias[:e], module.in_proj_bias[e : 2 * e])
-    b, d = query.shape[0], e // h
-    q = torch.nn.functional.linear(query, wq, bq).view(b, -1, h, d).transpose(1, 2)
-    k = torch.nn.functional.linear(key, wk, bk).view(b, -1, h, d).transpose(1, 2)
-    return torch.softmax(q @ k.transpose(-1, -2) / d**0.5, dim=-1).mean(1)
+    q, k, _ = mha_heads(module, query, key)
+    return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1).mean(1)
 
 
 def _record_mha(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, Tensor]:

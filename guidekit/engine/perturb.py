@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..branch import Perturbation
 from ..errors import ConfigError
-from ..ops.attention import blur_queries, normalized_attention
+from ..ops.attention import blur_queries, mha_heads, normalized_attention
 from ..perturbations import BlurredQueries, IdentitySelfAttention, NormalizedAttention, SkipBlocks
 
 __all__ = ["KINDS", "PERTURBERS", "Change", "Perturber", "Rows", "applied", "register", "swapped"]
@@ -60,13 +60,11 @@ class Perturber:
     """How the models of one family take perturbations.
 
     Attributes:
-        what: the family's modules, for error messages (``"nn.MultiheadAttention"``).
         owns: ``model -> bool``, whether a model is of this family (it holds such modules).
         changes: ``(model, perturbation, rows) -> [Change]``, what applying ``perturbation`` changes; it
             refuses, naming what there is, a selector that matches nothing.
     """
 
-    what: str
     owns: Callable[[nn.Module], bool]
     changes: Callable[[nn.Module, Perturbation, Rows], list[Change]]
 
@@ -108,17 +106,8 @@ def _blurred_query(module: nn.MultiheadAttention, sigma: float) -> Callable[...,
 
 def _mha_heads(module: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
     """``module``'s attention output before ``out_proj``, batch first ``(b, n, e)`` (its projections, SDPA)."""
-    e, h = module.embed_dim, module.num_heads
-    if module._qkv_same_embed_dim:
-        wq, wk, wv = module.in_proj_weight.chunk(3)
-    else:
-        wq, wk, wv = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight
-    bq, bk, bv = (None, None, None) if module.in_proj_bias is None else module.in_proj_bias.chunk(3)
-    b = query.shape[0]
-    q = F.linear(query, wq, bq).view(b, -1, h, e // h).transpose(1, 2)
-    k = F.linear(key, wk, bk).view(b, -1, h, e // h).transpose(1, 2)
-    v = F.linear(value, wv, bv).view(b, -1, h, e // h).transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, e)
+    q, k, v = mha_heads(module, query, key, value)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(query.shape[0], -1, module.embed_dim)
 
 
 def _normalized(module: nn.MultiheadAttention, nag: NormalizedAttention, rows: Rows) -> Callable[..., Any]:
@@ -185,7 +174,7 @@ def _mha_changes(model: nn.Module, perturbation: Perturbation, rows: Rows) -> li
     return [(m, "forward", make(m)) for m in modules]  # type: ignore[arg-type]
 
 
-PERTURBERS.append(Perturber("nn.MultiheadAttention", owns=lambda model: True, changes=_mha_changes))
+PERTURBERS.append(Perturber(owns=lambda model: True, changes=_mha_changes))
 
 
 @contextmanager

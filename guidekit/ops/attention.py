@@ -6,7 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import ConfigError
 
@@ -15,6 +15,7 @@ __all__ = [
     "attended_mask",
     "blur_queries",
     "gaussian_blur",
+    "mha_heads",
     "normalized_attention",
     "region_rates",
     "scfg_smooth",
@@ -48,6 +49,25 @@ def blur_queries(query: Tensor, sigma: float, token_dim: int = 1) -> Tensor:
     grid = F.conv2d(F.pad(grid, (pad, pad, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
     grid = F.conv2d(F.pad(grid, (0, 0, pad, pad), mode="reflect"), k.view(1, 1, -1, 1))
     return grid.reshape(b, d, n).permute(0, 2, 1).movedim(1, token_dim)
+
+
+def mha_heads(
+    module: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``nn.MultiheadAttention``'s projected queries, keys and values split into heads, ``(b, heads, n, d)``,
+    from batch-first inputs (``value=None`` skips the values)."""
+    e, h = module.embed_dim, module.num_heads
+    if module._qkv_same_embed_dim:
+        wq, wk, wv = module.in_proj_weight.chunk(3)
+    else:
+        wq, wk, wv = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight
+    bq, bk, bv = (None, None, None) if module.in_proj_bias is None else module.in_proj_bias.chunk(3)
+    b = query.shape[0]
+
+    def split(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, w, bias).view(b, -1, h, e // h).transpose(1, 2)
+
+    return split(query, wq, bq), split(key, wk, bk), None if value is None else split(value, wv, bv)
 
 
 def normalized_attention(z_pos: Tensor, z_neg: Tensor, scale: float, tau: float, alpha: float) -> Tensor:

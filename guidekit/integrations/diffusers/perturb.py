@@ -115,4 +115,4 @@ def _owns(model: nn.Module) -> bool:
     return any(isinstance(m, (Attention, AttentionModuleMixin)) for m in model.modules())
 
 
-register(Perturber("diffusers Attention", owns=_owns, changes=changes))
+register(Perturber(owns=_owns, changes=changes))
